@@ -1,0 +1,75 @@
+"""The application factories: the public pixel app and the private admin app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from _fastcount import Counters
+from server import health, pixel
+from server.app_keys import CONFIG, COUNTERS, FLUSHER, METRICS
+from server.config import Config
+from server.flusher import Flusher
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def make_app(config: Config, dsn: str) -> web.Application:
+    """The public app on the pixel port. ``dsn`` is the database the flusher writes to."""
+    app = web.Application()
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app[COUNTERS] = Counters(max_keys=config.max_keys)
+    app[FLUSHER] = Flusher(app[COUNTERS], dsn, app[METRICS], config.flush_interval)
+    app[METRICS].gauge(
+        "pixel_keys", "Distinct keys counted in the current window", lambda: len(app[COUNTERS])
+    )
+    app[METRICS].gauge(
+        "pixel_pending_rows",
+        "Rows sealed but not yet in PostgreSQL",
+        lambda: app[FLUSHER].pending_rows,
+    )
+    app.router.add_get("/i.gif", pixel.impression)  # add_get also routes HEAD
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.cleanup_ctx.append(_flushing)
+    return app
+
+
+async def _flushing(app: web.Application) -> AsyncIterator[None]:
+    """Runs the flusher; on shutdown, after the last request, makes the final flush."""
+    flusher = app[FLUSHER]
+    timeout = app[CONFIG].shutdown_timeout
+    task = asyncio.create_task(flusher.run(), name="flusher")
+    yield
+    flusher.stop()
+    # The flush in progress ends by itself (every database call has a timeout); cancelling
+    # is the fallback, and never loses a sealed batch.
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await flusher.close(timeout)
+
+
+def make_admin_app(pixel_app: web.Application) -> web.Application:
+    """The private app on the admin port, reading the pixel app's state."""
+    admin = web.Application()
+    metrics = pixel_app[METRICS]
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        return web.Response(
+            body=metrics.render().encode(),
+            headers={"Content-Type": PROMETHEUS_TEXT, "Cache-Control": "no-store"},
+        )
+
+    admin.router.add_get("/metrics", metrics_page)
+    return admin

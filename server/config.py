@@ -1,0 +1,155 @@
+"""The one registry of settings.
+
+Every field of the frozen :class:`Config` is a setting: a command-line flag ``--name-with-dashes``
+and an environment variable ``PIXEL_NAME``. The flag wins over the variable, the variable over the
+default. The README documents each one, and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "PIXEL_"
+DEFAULT_DATA_DIR = Path("pixel-data")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"must be greater than 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a TCP port (0-65535), got {text!r}")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"must be true or false, got {text!r}")
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR, got {text!r}")
+    return level
+
+
+def _setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"parse": parse, "help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str = _setting("0.0.0.0", str, "address the pixel port listens on")
+    port: int = _setting(8080, _port, "pixel port: /i.gif, /healthz, /readyz")
+    admin_host: str = _setting("127.0.0.1", str, "address of the admin port (keep it private)")
+    admin_port: int = _setting(9100, _port, "admin port: /metrics")
+    dsn: str = _setting(
+        "", str, "PostgreSQL connection string; empty starts the embedded PostgreSQL in --data-dir"
+    )
+    data_dir: Path = _setting(DEFAULT_DATA_DIR, Path, "folder of the embedded PostgreSQL's data")
+    flush_interval: float = _setting(1.0, _positive_float, "seconds between flushes to PostgreSQL")
+    bucket_seconds: int = _setting(60, _positive_int, "width of a time bucket in seconds")
+    max_keys: int = _setting(
+        1_000_000,
+        _positive_int,
+        "distinct keys per flush window; further new keys count in the __overflow__ row",
+    )
+    shutdown_timeout: float = _setting(
+        10.0,
+        _positive_float,
+        "seconds to answer in-flight requests and make the final flush on SIGTERM",
+    )
+    keepalive_timeout: float = _setting(
+        15.0, _positive_float, "seconds an idle keep-alive connection stays open"
+    )
+    access_log: bool = _setting(
+        False, _bool, "log every request (costs throughput; off by default)"
+    )
+    log_level: str = _setting("INFO", _log_level, "DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(field.name, field.default, field.metadata["parse"], field.metadata["help"])
+    for field in dataclasses.fields(Config)
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per setting; a flag left out is filled from the environment or default."""
+    for setting in SETTINGS:
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            metavar=setting.name.upper(),
+            help=f"{setting.help} (env {setting.env}, default {setting.default})",
+        )
+
+
+def from_namespace(
+    namespace: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Builds the config from parsed flags, then ``PIXEL_*`` variables, then defaults.
+
+    Raises ``ValueError`` naming the flag or variable when a value is invalid.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = getattr(namespace, setting.name, None)
+        source = setting.flag
+        if raw is None:
+            raw = environ.get(setting.env)
+            source = setting.env
+        if raw is None:
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+    return Config(**values)
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Parses flags and environment into a :class:`Config` (for tests and embedding)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return from_namespace(parser.parse_args(argv), environ)

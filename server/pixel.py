@@ -1,0 +1,61 @@
+"""The pixel endpoint: the 43-byte GIF, answered at once, and the count behind it."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from _fastcount import GIVT_IMPRESSIONS, IMPRESSIONS
+from server import givt
+from server.app_keys import CONFIG, COUNTERS, METRICS
+from server.query import Rejected, parse_dimensions
+
+# The smallest transparent GIF89a: 1x1, one transparent colour.
+GIF = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\x00\x00\x00"
+    b"!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+
+PIXEL_HEADERS = {
+    "Content-Type": "image/gif",
+    "Cache-Control": "no-cache, no-store, must-revalidate",
+    "Pragma": "no-cache",
+    "Expires": "0",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def gif_response() -> web.Response:
+    return web.Response(body=GIF, headers=PIXEL_HEADERS)
+
+
+def raw_query(request: web.Request) -> bytes:
+    """The query string exactly as received, before any decoding."""
+    return request.raw_path.partition("?")[2].encode("utf-8", "surrogateescape")
+
+
+def count(request: web.Request, human_field: int, givt_field: int) -> None:
+    """Counts one event of a GET request, or its rejection reason; never raises for bad input."""
+    app = request.app
+    try:
+        dimensions = parse_dimensions(raw_query(request))
+    except Rejected as rejected:
+        app[METRICS].rejected[rejected.reason] += 1
+        return
+    reason = givt.classify(request.headers)
+    if reason is None:
+        field = human_field
+    else:
+        field = givt_field
+        app[METRICS].givt[reason] += 1
+    width = app[CONFIG].bucket_seconds
+    now = int(time.time())
+    app[COUNTERS].add(now - now % width, *dimensions, field)
+
+
+async def impression(request: web.Request) -> web.Response:
+    """``GET /i.gif``: one impression. ``HEAD`` gets the same answer and counts nothing."""
+    if request.method == "GET":
+        count(request, IMPRESSIONS, GIVT_IMPRESSIONS)
+    return gif_response()

@@ -1,0 +1,96 @@
+"""Parsing and validation of the pixel query string.
+
+The dimensions (``cid``, ``crid``, ``aff``, ``sub``) are percent-decoded UTF-8 of at most
+:data:`MAX_VALUE_BYTES` bytes with no control characters. Anything else makes the request
+*rejected*: it is still answered with the GIF, and counted by reason instead of as an event.
+Unknown parameters, and the cache-buster ``cb``, are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+MAX_VALUE_BYTES = 128
+
+# Query parameter -> position in Dimensions.
+_DIMENSION_PARAMS = {"cid": 0, "crid": 1, "aff": 2, "sub": 3}
+
+# C0 controls, DEL and C1 controls.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+class Dimensions(NamedTuple):
+    campaign: str
+    creative: str
+    affiliate: str
+    sub_id: str
+
+
+class Rejected(Exception):
+    """The query string is invalid; ``reason`` is the label it is counted under."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# The reasons, as counted in the `rejected` metric.
+BAD_PERCENT_ENCODING = "bad_percent_encoding"
+INVALID_UTF8 = "invalid_utf8"
+VALUE_TOO_LONG = "value_too_long"
+CONTROL_CHARACTER = "control_character"
+REPEATED_PARAMETER = "repeated_parameter"
+
+
+def _unquote(raw: bytes) -> bytes:
+    """Strict form decoding: ``+`` is a space, and every ``%`` has two hex digits after it."""
+    if b"+" in raw:
+        raw = raw.replace(b"+", b" ")
+    if b"%" not in raw:
+        return raw
+    if _BAD_PERCENT.search(raw):
+        raise Rejected(BAD_PERCENT_ENCODING)
+    head, *rest = raw.split(b"%")
+    return head + b"".join(bytes.fromhex(part[:2].decode("ascii")) + part[2:] for part in rest)
+
+
+def _decode(raw: bytes) -> str:
+    data = _unquote(raw)
+    if len(data) > MAX_VALUE_BYTES:
+        raise Rejected(VALUE_TOO_LONG)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected(INVALID_UTF8) from None
+    if _CONTROL.search(text):
+        raise Rejected(CONTROL_CHARACTER)
+    return text
+
+
+def parse_dimensions(query: bytes) -> Dimensions:
+    """Returns the dimensions of a raw query string (the bytes after ``?``, as received).
+
+    >>> parse_dimensions(b"cid=summer&crid=banner%2D1&cb=8812")
+    Dimensions(campaign='summer', creative='banner-1', affiliate='', sub_id='')
+
+    Raises :class:`Rejected` with the reason when a dimension is invalid or repeated.
+    """
+    values = ["", "", "", ""]
+    seen = 0
+    for pair in query.split(b"&"):
+        name, _, raw = pair.partition(b"=")
+        position = _DIMENSION_PARAMS.get(name.decode("latin-1"))
+        if position is None and b"%" in name:
+            try:
+                position = _DIMENSION_PARAMS.get(_decode(name))
+            except Rejected:
+                continue  # an unknown parameter, however badly encoded, is ignored
+        if position is None:
+            continue
+        if seen & (1 << position):
+            raise Rejected(REPEATED_PARAMETER)
+        seen |= 1 << position
+        values[position] = _decode(raw)
+    return Dimensions(*values)

@@ -1,0 +1,118 @@
+"""Conservation: every impression a client sent is in pixel_counts exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+from collections.abc import Callable
+from urllib.parse import urlencode
+
+import aiohttp
+
+from tests.harness import PixelServer, fetch, totals_by_key
+
+REQUESTS = 20_000
+CONCURRENCY = 32
+
+
+def make_keys(count: int) -> list[tuple[str, str, str, str]]:
+    """Distinct keys over a realistic spread, some with non-ASCII and reserved characters."""
+    return [
+        (f"camp-{n % 7}", f"creative {n % 31}/é", f"aff&{n % 53}", f"sub={n}") for n in range(count)
+    ]
+
+
+async def send(server: PixelServer, plan: list[tuple[str, str, str, str]]) -> None:
+    queue: asyncio.Queue[tuple[str, str, str, str]] = asyncio.Queue()
+    for key in plan:
+        queue.put_nowait(key)
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            cid, crid, aff, sub = queue.get_nowait()
+            query = urlencode(
+                {"cid": cid, "crid": crid, "aff": aff, "sub": sub, "cb": random.random()}
+            )
+            async with session.get(f"{server.base_url}/i.gif?{query}") as answer:
+                assert answer.status == 200
+                assert len(await answer.read()) == 43
+
+    headers = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) conservation-test"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        await asyncio.gather(*(client(session) for _ in range(CONCURRENCY)))
+
+
+async def test_every_sent_impression_is_stored_exactly_once(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    # One-second buckets and fast flushes: the run spans several buckets and many batches.
+    server = pixel_server(f"--dsn={database}", "--flush-interval=0.2", "--bucket-seconds=1")
+    keys = make_keys(400)
+    rng = random.Random(7)
+    plan = [rng.choice(keys) for _ in range(REQUESTS)]
+
+    await send(server, plan)
+    assert server.terminate() == 0, server.log()
+
+    sent = collections.Counter(plan)
+    stored = await totals_by_key(database)
+    assert {key: counts[0] for key, counts in stored.items()} == dict(sent)
+    assert all(counts[1:] == (0, 0, 0, 0, 0) for counts in stored.values())
+    (buckets,) = await fetch(database, "SELECT count(DISTINCT bucket) FROM pixel_counts")
+    assert buckets[0] > 1
+    (batches,) = await fetch(database, "SELECT count(*) FROM flush_batches")
+    assert batches[0] > 1
+
+
+async def test_sigterm_under_load_keeps_every_answered_impression(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    server = pixel_server(f"--dsn={database}", "--flush-interval=0.2")
+    answered: collections.Counter[str] = collections.Counter()
+
+    async def client(session: aiohttp.ClientSession, number: int) -> None:
+        # Bounded: at most 5,000 requests per client; it stops at the first refused one.
+        for _ in range(5_000):
+            try:
+                async with session.get(f"{server.base_url}/i.gif?cid=c{number}") as answer:
+                    if answer.status != 200 or len(await answer.read()) != 43:
+                        return
+            except aiohttp.ClientError:
+                return
+            answered[f"c{number}"] += 1
+
+    headers = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) shutdown-test"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        clients = asyncio.gather(*(client(session, n) for n in range(16)))
+        await asyncio.sleep(1.0)
+        status = asyncio.create_task(asyncio.to_thread(server.terminate))
+        await clients
+        assert await status == 0, server.log()
+
+    stored = await totals_by_key(database)
+    assert sum(answered.values()) > 100
+    assert {key[0]: counts[0] for key, counts in stored.items()} == dict(answered)
+    assert "GET /i.gif" not in server.log(), "access logging is off by default"
+
+
+async def test_key_cap_sends_new_keys_to_the_overflow_row_and_totals_add_up(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    # One window (long flush interval) and one bucket (a day wide): exactly 10 keys get a row.
+    server = pixel_server(
+        f"--dsn={database}", "--flush-interval=60", "--bucket-seconds=86400", "--max-keys=10"
+    )
+    headers = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) overflow-test"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for n in range(50):
+            for _ in range(3):
+                async with session.get(f"{server.base_url}/i.gif?cid=k{n}&sub=s") as answer:
+                    assert answer.status == 200
+    assert server.terminate() == 0, server.log()
+    stored = await totals_by_key(database)
+    overflow = stored.pop(("__overflow__", "", "", ""))
+    assert len(stored) == 10
+    assert all(counts[0] == 3 for counts in stored.values())
+    assert overflow[0] == 40 * 3
+    assert "__overflow__" in server.log()

@@ -1,0 +1,122 @@
+"""The pixel on the wire: exact bytes and headers, and what HEAD and bad methods count."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+from server.pixel import GIF
+from tests.harness import PixelServer, fetch
+
+TRANSPARENT_GIF = bytes.fromhex(
+    "4749463839610100010080000000000000000021f90401000000002c00000000010001000002024401003b"
+)
+
+
+def exchange(server: PixelServer, request: bytes) -> bytes:
+    """Sends raw bytes, returns everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
+        connection.sendall(request)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def split(answer: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        assert name.lower() not in headers, f"header {name} sent twice"
+        headers[name.lower()] = value.strip()
+    return status.encode(), headers, body
+
+
+def test_the_gif_is_the_43_byte_transparent_gif89a() -> None:
+    assert GIF == TRANSPARENT_GIF
+    assert len(GIF) == 43
+
+
+async def test_get_answers_exact_bytes_and_headers(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    server = pixel_server(f"--dsn={database}", "--flush-interval=0.1")
+    answer = await asyncio.to_thread(
+        exchange,
+        server,
+        b"GET /i.gif?cid=c1&crid=cr1&aff=a1&sub=s1&cb=123 HTTP/1.1\r\nHost: t\r\n"
+        b"User-Agent: Mozilla/5.0 test\r\nConnection: close\r\n\r\n",
+    )
+    status, headers, body = split(answer)
+    assert status == b"HTTP/1.1 200 OK"
+    assert body == TRANSPARENT_GIF
+    assert headers["content-type"] == "image/gif"
+    assert headers["content-length"] == "43"
+    assert headers["cache-control"] == "no-cache, no-store, must-revalidate"
+    assert headers["pragma"] == "no-cache"
+    assert headers["expires"] == "0"
+    assert headers["x-content-type-options"] == "nosniff"
+    assert "set-cookie" not in headers
+    assert "date" in headers
+    assert server.terminate() == 0
+    rows = await fetch(
+        database, "SELECT campaign, creative, affiliate, sub_id, impressions FROM pixel_counts"
+    )
+    assert [tuple(row) for row in rows] == [("c1", "cr1", "a1", "s1", 1)]
+
+
+async def test_head_gets_the_same_headers_no_body_and_counts_nothing(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    server = pixel_server(f"--dsn={database}", "--flush-interval=0.1")
+    request = (
+        b"/i.gif?cid=head HTTP/1.1\r\nHost: t\r\nUser-Agent: Mozilla/5.0\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    get = await asyncio.to_thread(exchange, server, b"GET " + request)
+    head = await asyncio.to_thread(exchange, server, b"HEAD " + request)
+    get_status, get_headers, _ = split(get)
+    head_status, head_headers, head_body = split(head)
+    assert head_status == get_status == b"HTTP/1.1 200 OK"
+    assert head_body == b""
+    get_headers.pop("date")
+    head_headers.pop("date")
+    assert head_headers == get_headers
+    assert server.terminate() == 0
+    rows = await fetch(database, "SELECT campaign, impressions FROM pixel_counts")
+    assert [tuple(row) for row in rows] == [("head", 1)]
+
+
+async def test_other_methods_count_nothing_and_are_refused(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    server = pixel_server(f"--dsn={database}", "--flush-interval=0.1")
+    answer = await asyncio.to_thread(
+        exchange,
+        server,
+        b"DELETE /i.gif?cid=x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    assert split(answer)[0] == b"HTTP/1.1 405 Method Not Allowed"
+    assert server.terminate() == 0
+    assert await fetch(database, "SELECT * FROM pixel_counts") == []
+
+
+async def test_keep_alive_and_pipelining_answer_in_order(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    server = pixel_server(f"--dsn={database}", "--flush-interval=0.1")
+    requests = b"".join(
+        b"GET /i.gif?cid=pipe&crid=%d HTTP/1.1\r\nHost: t\r\nUser-Agent: UA\r\n\r\n" % n
+        for n in range(5)
+    )
+    last = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    answer = await asyncio.to_thread(exchange, server, requests + last)
+    assert answer.count(b"HTTP/1.1 200 OK") == 6
+    assert answer.count(TRANSPARENT_GIF) == 5
+    assert answer.endswith(b"ok\n")
+    assert server.terminate() == 0
+    rows = await fetch(database, "SELECT creative, impressions FROM pixel_counts ORDER BY 1")
+    assert [tuple(row) for row in rows] == [(str(n), 1) for n in range(5)]
