@@ -1,7 +1,7 @@
 """Sealed flush batches: the rows of one swapped-out counter window, with a stable id.
 
 The id is written to the ``flush_batches`` ledger in the same transaction as the counts, so a
-batch retried after an ambiguous failure is applied once.
+batch retried after an ambiguous failure, or replayed from the spool, is applied once.
 """
 
 from __future__ import annotations
@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from typing import Any
+
+import orjson
 
 from _fastcount import Window
 
@@ -23,10 +26,14 @@ class Batch:
     batch_id: uuid.UUID
     rows: list[Row]
 
-    @property
-    def increments(self) -> int:
-        """The sum of all counters in the batch."""
-        return sum(sum(row[5:]) for row in self.rows)
+    def to_bytes(self, **extra: Any) -> bytes:
+        """The batch as JSON: ``{"batch_id": ..., "rows": [[bucket, campaign, ...], ...]}``."""
+        return orjson.dumps({"batch_id": str(self.batch_id), "rows": self.rows, **extra})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Batch:
+        document = orjson.loads(data)
+        return cls(uuid.UUID(document["batch_id"]), [tuple(row) for row in document["rows"]])
 
 
 async def seal(window: Window) -> Batch:

@@ -1,0 +1,276 @@
+"""Pure-Python counter engine: the reference the compiled one must match.
+
+Used where the extension is not built (FASTCOUNT_NO_EXTENSIONS, or no
+compiler) and by the tests, which run every case against both. One dict per
+window: the shards of the compiled engine exist to keep its table resizes short
+and are not observable, so here `shards` is only validated.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from typing import Final, NoReturn, SupportsIndex, final
+
+__all__ = (
+    "CLICKS",
+    "COLUMNS",
+    "GIVT_CLICKS",
+    "GIVT_IMPRESSIONS",
+    "IMPRESSIONS",
+    "MEASURABLE",
+    "OVERFLOW_CAMPAIGN",
+    "VIEWABLE",
+    "Counters",
+    "Window",
+)
+
+IMPRESSIONS: Final = 0
+GIVT_IMPRESSIONS: Final = 1
+MEASURABLE: Final = 2
+VIEWABLE: Final = 3
+CLICKS: Final = 4
+GIVT_CLICKS: Final = 5
+COLUMNS: Final = (
+    "impressions",
+    "givt_impressions",
+    "measurable",
+    "viewable",
+    "clicks",
+    "givt_clicks",
+)
+OVERFLOW_CAMPAIGN: Final = "__overflow__"
+
+_NFIELDS: Final = len(COLUMNS)
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+_MAX_SHARDS: Final = 1 << 16
+_MAX_DIMENSION_BYTES: Final = 2**32 - 1
+
+_Key = tuple[int, str, str, str, str]
+_Row = tuple[int, str, str, str, str, int, int, int, int, int, int]
+
+
+def _int64(value: SupportsIndex) -> int:
+    """What the compiled module's PyLong_AsLongLong accepts: __index__, int64 range."""
+    number = operator.index(value)
+    if not _INT64_MIN <= number <= _INT64_MAX:
+        raise OverflowError("Python int too large to convert to C long")
+    return number
+
+
+def _check_dimensions(*dimensions: object) -> None:
+    names = ("campaign", "creative", "affiliate", "sub_id")
+    for name, value in zip(names, dimensions, strict=True):
+        if type(value) is not str:
+            raise TypeError(
+                f"Argument '{name}' has incorrect type (expected str, got {type(value).__name__})"
+            )
+
+
+@final
+class Counters:
+    """Counts of the current window, per (bucket, campaign, creative, affiliate, sub_id).
+
+    A window holds at most max_keys keys, overflow rows aside; past that, counts
+    for new keys go to their bucket's overflow row. shards (a power of two up to
+    65536) splits the table so that each resize is short; it changes nothing
+    else.
+    """
+
+    __slots__ = ("_keys", "_max_keys", "_overflow_rows", "_overflowed", "_rows")
+
+    def __init_subclass__(cls, **kwargs: object) -> NoReturn:
+        # As the compiled classes (cython.final) do.
+        raise TypeError(f"type '{cls.__mro__[1].__qualname__}' is not an acceptable base type")
+
+    def __init__(self, max_keys: int = 1_000_000, shards: int = 16) -> None:
+        max_keys_ = _int64(max_keys)
+        shards_ = _int64(shards)
+        if max_keys_ < 1:
+            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+        if shards_ < 1 or shards_ > _MAX_SHARDS or shards_ & (shards_ - 1):
+            raise ValueError(f"shards must be a power of two from 1 to {_MAX_SHARDS}, got {shards}")
+        self._max_keys = max_keys_
+        self._rows: dict[_Key, list[int]] = {}
+        self._keys = 0  # distinct keys other than overflow rows
+        self._overflow_rows = 0
+        self._overflowed = 0
+
+    def add(
+        self,
+        bucket: int,
+        campaign: str,
+        creative: str,
+        affiliate: str,
+        sub_id: str,
+        field: int,
+        n: int = 1,
+    ) -> None:
+        """Adds n (>= 1) to one field, IMPRESSIONS to GIVT_CLICKS, of the key's row.
+
+        bucket is the unix time of the bucket start. A dimension that is not a
+        str is a TypeError; a field or n out of range a ValueError; an integer
+        or a count past int64 an OverflowError.
+        """
+        if not (
+            type(campaign) is str
+            and type(creative) is str
+            and type(affiliate) is str
+            and type(sub_id) is str
+            and type(bucket) is int
+            and type(field) is int
+            and type(n) is int
+            and 0 <= field < _NFIELDS
+            and 1 <= n <= _INT64_MAX
+        ):
+            # Same checks, same order, same errors as the compiled add().
+            _check_dimensions(campaign, creative, affiliate, sub_id)
+            bucket = _int64(bucket)
+            field_ = _int64(field)
+            n_ = _int64(n)
+            if not 0 <= field_ < _NFIELDS:
+                raise ValueError(f"field must be 0..{_NFIELDS - 1}, got {field}")
+            if n_ < 1:
+                raise ValueError(f"n must be >= 1, got {n}")
+            field, n = field_, n_
+        key = (bucket, campaign, creative, affiliate, sub_id)
+        row = self._rows.get(key)
+        if row is None:
+            self._add_new(key, field, n)
+        elif row[field] > _INT64_MAX - n:
+            raise OverflowError("counter would exceed 2**63 - 1")
+        else:
+            row[field] += n
+
+    def _add_new(self, key: _Key, field: int, n: int) -> None:
+        # Only keys that got in through here are stored, so an existing key
+        # needs none of these checks again.
+        bucket, *dimensions = key
+        if not _INT64_MIN <= bucket <= _INT64_MAX:
+            raise OverflowError("Python int too large to convert to C long")
+        encoded = [dimension.encode() for dimension in dimensions]  # UnicodeEncodeError
+        if key[1:] == (OVERFLOW_CAMPAIGN, "", "", ""):
+            self._rows[key] = self._new_row(field, n)
+            self._overflow_rows += 1
+            return
+        if self._keys < self._max_keys:
+            if any(len(value) > _MAX_DIMENSION_BYTES for value in encoded):
+                raise ValueError("a dimension is longer than 2**32 - 1 bytes of UTF-8")
+            self._rows[key] = self._new_row(field, n)
+            self._keys += 1
+            return
+        # The window is full: count into the bucket's overflow row instead.
+        if self._overflowed > _INT64_MAX - n:
+            raise OverflowError("overflowed would exceed 2**63 - 1")
+        overflow_key = (bucket, OVERFLOW_CAMPAIGN, "", "", "")
+        row = self._rows.get(overflow_key)
+        if row is None:
+            self._rows[overflow_key] = self._new_row(field, n)
+            self._overflow_rows += 1
+        elif row[field] > _INT64_MAX - n:
+            raise OverflowError("counter would exceed 2**63 - 1")
+        else:
+            row[field] += n
+        self._overflowed += n
+
+    @staticmethod
+    def _new_row(field: int, n: int) -> list[int]:
+        row = [0] * _NFIELDS
+        row[field] = n
+        return row
+
+    def swap(self) -> Window:
+        """Hands the window counted so far to a Window and starts an empty one.
+
+        Constant time in the number of keys; counting goes on at once.
+        """
+        window = Window._of(self._rows, self._overflowed)
+        self._rows = {}
+        self._keys = 0
+        self._overflow_rows = 0
+        self._overflowed = 0
+        return window
+
+    def __len__(self) -> int:
+        return self._keys + self._overflow_rows
+
+    @property
+    def overflowed(self) -> int:
+        return self._overflowed
+
+    @property
+    def max_keys(self) -> int:
+        return self._max_keys
+
+
+@final
+class Window:
+    """The counts of a window swapped out of a Counters, drained in batches.
+
+    A Window shares nothing with its Counters: drain it from any thread.
+    """
+
+    __slots__ = ("_lock", "_order", "_overflowed", "_rows")
+
+    _rows: dict[_Key, list[int]]
+    _overflowed: int
+    _lock: threading.Lock
+    _order: list[_Key] | None  # keys not yet drained, taken from the end
+
+    def __init_subclass__(cls, **kwargs: object) -> NoReturn:
+        # As the compiled classes (cython.final) do.
+        raise TypeError(f"type '{cls.__mro__[1].__qualname__}' is not an acceptable base type")
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("Window objects are made by Counters.swap()")
+
+    @classmethod
+    def _of(cls, rows: dict[_Key, list[int]], overflowed: int) -> Window:
+        window = cls.__new__(cls)
+        window._rows = rows
+        window._overflowed = overflowed
+        window._lock = threading.Lock()
+        window._order = None
+        return window
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def overflowed(self) -> int:
+        return self._overflowed
+
+    def drain(self, limit: int) -> list[_Row]:
+        """Removes and returns up to limit (>= 1) rows; [] once empty.
+
+        A row is (bucket, campaign, creative, affiliate, sub_id, impressions,
+        givt_impressions, measurable, viewable, clicks, givt_clicks), in no
+        particular order. Drained rows free their memory.
+        """
+        limit_ = _int64(limit)
+        if limit_ < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        # As in the compiled engine: drains from several threads get disjoint
+        # rows, and a MemoryError loses none. Every step that allocates comes
+        # before the first one that removes anything; removing from a list's
+        # tail or from a dict allocates nothing.
+        with self._lock:
+            rows = self._rows
+            if self._order is None:
+                self._order = list(rows)
+            order = self._order
+            cut = max(len(order) - limit_, 0)
+            keys = order[cut:]
+            drained: list[_Row] = []
+            for key in keys:
+                bucket, campaign, creative, affiliate, sub_id = key
+                a, b, c, d, e, f = rows[key]
+                drained.append((bucket, campaign, creative, affiliate, sub_id, a, b, c, d, e, f))
+            removed = iter(keys)
+            del order[cut:]
+            for key in removed:
+                del rows[key]
+            if not rows:
+                rows.clear()  # gives the table back
+            return drained
