@@ -15,6 +15,7 @@ from server.app_keys import CONFIG, COUNTERS, FLUSHER, METRICS
 from server.config import Config
 from server.flusher import Flusher
 from server.metrics import Metrics
+from server.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,24 @@ def make_app(config: Config, dsn: str) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[COUNTERS] = Counters(max_keys=config.max_keys)
-    app[FLUSHER] = Flusher(app[COUNTERS], dsn, app[METRICS], config.flush_interval)
-    app[METRICS].gauge(
-        "pixel_keys", "Distinct keys counted in the current window", lambda: len(app[COUNTERS])
+    spool = Spool(config.spool_path, config.spool_max_bytes)
+    app[FLUSHER] = Flusher(
+        app[COUNTERS],
+        dsn,
+        app[METRICS],
+        config.flush_interval,
+        spool,
+        config.max_pending_batches,
     )
-    app[METRICS].gauge(
-        "pixel_pending_rows",
-        "Rows sealed but not yet in PostgreSQL",
-        lambda: app[FLUSHER].pending_rows,
+    gauge = app[METRICS].gauge
+    gauge("pixel_keys", "Distinct keys counted in the current window", lambda: len(app[COUNTERS]))
+    gauge(
+        "pixel_pending_batches",
+        "Sealed batches not yet in PostgreSQL",
+        lambda: app[FLUSHER].pending_batches,
     )
+    gauge("pixel_spool_batches", "Batches in the disk spool", lambda: spool.batches)
+    gauge("pixel_spool_bytes", "Bytes in the disk spool", lambda: spool.bytes)
     app.router.add_get("/i.gif", pixel.impression)  # add_get also routes HEAD
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
@@ -50,9 +60,9 @@ async def _flushing(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(flusher.run(), name="flusher")
     yield
     flusher.stop()
-    # The flush in progress ends by itself (every database call has a timeout); cancelling
-    # is the fallback, and never loses a sealed batch.
-    done, _ = await asyncio.wait({task}, timeout=timeout)
+    # A quarter of the time for the flush in progress, then it is cancelled, which never
+    # loses a sealed batch; close() takes it from there.
+    done, _ = await asyncio.wait({task}, timeout=timeout / 4)
     if not done:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

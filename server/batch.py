@@ -36,12 +36,13 @@ class Batch:
         return cls(uuid.UUID(document["batch_id"]), [tuple(row) for row in document["rows"]])
 
 
-async def seal(window: Window) -> Batch:
-    """Drains a swapped-out window in chunks, yielding to the event loop between them."""
-    rows: list[Row] = []
-    while chunk := window.drain(DRAIN_CHUNK):
-        rows.extend(chunk)
-        await asyncio.sleep(0)
-    # Key order keeps concurrent writers from deadlocking on the merge.
-    rows.sort()
-    return Batch(uuid.uuid4(), rows)
+async def seal(window: Window, rows: list[Row]) -> None:
+    """Drains a swapped-out window into ``rows`` in chunks, yielding to the event loop between
+    them. If cancelled, it drains the rest at once before it stops, so no row is lost."""
+    try:
+        while chunk := window.drain(DRAIN_CHUNK):
+            rows.extend(chunk)
+            await asyncio.sleep(0)
+    finally:
+        while chunk := window.drain(DRAIN_CHUNK):
+            rows.extend(chunk)

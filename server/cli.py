@@ -53,6 +53,11 @@ def serve(config: Config) -> int:
     dsn = config.dsn
     if not dsn:
         embedded = EmbeddedPostgres(config.data_dir)
+        try:
+            embedded.start()
+        except RuntimeError as error:
+            log.error("cannot start the embedded PostgreSQL in %s: %s", embedded.pgdata, error)
+            return 1
         dsn = embedded.dsn
         print(
             f"embedded PostgreSQL running, data in {embedded.pgdata}\n"

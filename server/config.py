@@ -55,6 +55,21 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _byte_size(text: str) -> int:
+    """A size in bytes, with an optional K, M or G suffix (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    cleaned = text.strip().upper().removesuffix("B")
+    factor = units.get(cleaned[-1:], 1)
+    value = int(cleaned[:-1] if factor > 1 else cleaned) * factor
+    if value < 1:
+        raise ValueError(f"must be a positive size such as 1073741824 or 1G, got {text!r}")
+    return value
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
 def _setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
     return dataclasses.field(default=default, metadata={"parse": parse, "help": help})
 
@@ -87,7 +102,22 @@ class Config:
     access_log: bool = _setting(
         False, _bool, "log every request (costs throughput; off by default)"
     )
+    spool_dir: Path | None = _setting(
+        None, _optional_path, "folder of the disk spool; empty means <data-dir>/spool"
+    )
+    spool_max_bytes: int = _setting(
+        1 << 30, _byte_size, "spool budget in bytes (K, M, G suffixes); over it /readyz is 503"
+    )
+    max_pending_batches: int = _setting(
+        300,
+        _positive_int,
+        "batches held in memory when the spool cannot take them; beyond, the oldest is dropped",
+    )
     log_level: str = _setting("INFO", _log_level, "DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
 
 
 @dataclasses.dataclass(frozen=True)

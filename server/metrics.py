@@ -19,6 +19,7 @@ class Metrics:
         self.flushed_rows = 0
         self.overflowed = 0
         self.dropped = 0
+        self.dead_lettered = 0
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
@@ -51,6 +52,11 @@ class Metrics:
                 self.overflowed,
             ),
             ("pixel_dropped_rows_total", "Rows that could not be kept (normally 0)", self.dropped),
+            (
+                "pixel_dead_lettered_batches_total",
+                "Batches PostgreSQL rejected, kept in the dead-letter folder",
+                self.dead_lettered,
+            ),
         ):
             yield f"# HELP {name} {help}"
             yield f"# TYPE {name} counter"

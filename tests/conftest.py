@@ -23,6 +23,7 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield dsn
         return
     embedded = EmbeddedPostgres(tmp_path_factory.mktemp("embedded"))
+    embedded.start()
     try:
         yield embedded.dsn
     finally:
@@ -40,6 +41,17 @@ async def database(postgres_dsn: str) -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL cluster of the test's own, to stop and start at will."""
+    postgres = EmbeddedPostgres(tmp_path / "own-postgres")
+    postgres.start()
+    try:
+        yield postgres
+    finally:
+        postgres.stop()
 
 
 @pytest.fixture

@@ -1,29 +1,17 @@
-"""Real processes for the tests: a ``pixel-server serve`` subprocess and database helpers."""
+"""Database helpers for the tests: fresh databases, queries, and a proxy to cut one off."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import asyncpg
 
-PIXEL_SERVER = str(Path(sys.executable).parent / "pixel-server")
+from loadtests.accounting import totals_by_key
+from loadtests.processes import PixelServer, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+__all__ = ["DatabaseProxy", "PixelServer", "fetch", "free_port", "totals_by_key", "with_database"]
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -32,82 +20,12 @@ def with_database(dsn: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
-class PixelServer:
-    """A ``pixel-server serve`` process on free loopback ports, its log in a file."""
-
-    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        command = [
-            PIXEL_SERVER,
-            "serve",
-            "--host=127.0.0.1",
-            f"--port={self.port}",
-            f"--admin-port={self.admin_port}",
-            *args,
-        ]
-        self.process = subprocess.Popen(
-            command,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-        self.wait_until_serving()
-
-    def wait_until_serving(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"pixel-server exited at start:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/healthz", timeout=1) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError(f"pixel-server did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM, then waits for the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
-
-
 async def fetch(dsn: str, query: str, *args: Any) -> list[Any]:
     connection = await asyncpg.connect(dsn)
     try:
         return list(await connection.fetch(query, *args))
     finally:
         await connection.close()
-
-
-async def totals_by_key(dsn: str) -> dict[tuple[str, str, str, str], tuple[int, ...]]:
-    """The counters of ``pixel_counts`` summed per key over all buckets."""
-    rows = await fetch(
-        dsn,
-        "SELECT campaign, creative, affiliate, sub_id, sum(impressions)::bigint,"
-        " sum(givt_impressions)::bigint, sum(measurable)::bigint, sum(viewable)::bigint,"
-        " sum(clicks)::bigint, sum(givt_clicks)::bigint"
-        " FROM pixel_counts GROUP BY 1, 2, 3, 4",
-    )
-    return {tuple(row[:4]): tuple(row[4:]) for row in rows}
 
 
 class DatabaseProxy:
@@ -126,6 +44,10 @@ class DatabaseProxy:
         self._unix = f"{options.get('host', '/tmp')}/.s.PGSQL.{port}"
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task[None]] = set()
+        # Set it to cut the connection right after the next COMMIT succeeds, before its answer
+        # reaches the client: the ambiguous failure of a commit.
+        self.cut_after_next_commit = False
+        self.commits_cut = 0
 
     def dsn(self, password: str = "") -> str:
         secret = f":{password}" if password else ""
@@ -153,7 +75,9 @@ class DatabaseProxy:
             else:
                 up_reader, up_writer = await asyncio.open_unix_connection(self._unix)
             try:
-                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+                await asyncio.gather(
+                    _pipe(reader, up_writer), self._answers(up_reader, writer, up_writer)
+                )
             finally:
                 up_writer.close()
         except (asyncio.CancelledError, OSError):
@@ -161,6 +85,28 @@ class DatabaseProxy:
         finally:
             writer.close()
             self._links.discard(task)
+
+    async def _answers(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: asyncio.StreamWriter,
+    ) -> None:
+        """The database's answers to the client, unless a COMMIT's answer is to be cut."""
+        while data := await reader.read(65536):
+            if self.cut_after_next_commit and _COMMIT_COMPLETE in data:
+                self.cut_after_next_commit = False
+                self.commits_cut += 1
+                upstream.close()
+                writer.transport.abort()
+                return
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+
+# CommandComplete for COMMIT in the PostgreSQL wire protocol: 'C', length 11, "COMMIT\0".
+_COMMIT_COMPLETE = b"C\x00\x00\x00\x0bCOMMIT\x00"
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -1,0 +1,245 @@
+"""Nothing lost, nothing counted twice: outages, crashes, ambiguous commits, replays and
+poison batches, with real processes and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from loadtests import outage
+from server import storage
+from server.batch import Batch
+from server.embedded import EmbeddedPostgres
+from tests.harness import DatabaseProxy, PixelServer, fetch, totals_by_key
+
+UA = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) zero-loss-test"}
+
+
+async def wait_for(condition: Callable[[], object], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+async def send(server: PixelServer, query: str, times: int) -> None:
+    async with aiohttp.ClientSession(headers=UA) as session:
+        for _ in range(times):
+            async with session.get(f"{server.base_url}/i.gif?{query}") as answer:
+                assert answer.status == 200
+                assert len(await answer.read()) == 43
+
+
+def spooled_impressions(spool: Path) -> collections.Counter[str]:
+    """Impressions per campaign in the spool's batch files."""
+    totals: collections.Counter[str] = collections.Counter()
+    for path in spool.glob("*.batch"):
+        for row in Batch.from_bytes(path.read_bytes()).rows:
+            totals[row[1]] += row[5]
+    return totals
+
+
+async def impressions(dsn: str) -> dict[str, int]:
+    return {key[0]: counts[0] for key, counts in (await totals_by_key(dsn)).items()}
+
+
+async def test_outage_under_load_every_answered_hit_is_stored_once(tmp_path: Path) -> None:
+    report = await outage.run(tmp_path, outage=10.0, rate=400.0, before=2.0, after=2.0)
+    assert report.failed_requests == 0
+    assert report.impressions.sent > 4_000
+    assert report.impressions.exact, report.lines()
+
+
+async def test_crash_during_outage_applies_every_spooled_batch_once(
+    pixel_server: Callable[..., PixelServer], own_postgres: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    flags = (f"--dsn={own_postgres.dsn}", "--flush-interval=0.2", f"--spool-dir={spool}")
+    server = pixel_server(*flags)
+    await send(server, "cid=before", 40)
+    await wait_for(lambda: "connected to" in server.log())
+    deadline = time.monotonic() + 30
+    while (await impressions(own_postgres.dsn)).get("before") != 40:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+
+    await asyncio.to_thread(own_postgres.stop)
+    await send(server, "cid=during", 60)
+    await wait_for(lambda: spooled_impressions(spool)["during"] == 60)
+    server.kill()  # SIGKILL: only what the spool holds survives
+    spooled_ids = {Batch.from_bytes(path.read_bytes()).batch_id for path in spool.glob("*.batch")}
+
+    restarted = pixel_server(*flags)  # the database is still down
+    await wait_for(lambda: "spooled batches found" in restarted.log())
+    await asyncio.to_thread(own_postgres.start)
+    await wait_for(lambda: not list(spool.glob("*.batch")))
+    assert await asyncio.to_thread(restarted.terminate) == 0, restarted.log()
+
+    assert await impressions(own_postgres.dsn) == {"before": 40, "during": 60}
+    ledger = await fetch(own_postgres.dsn, "SELECT batch_id FROM flush_batches")
+    assert spooled_ids <= {row[0] for row in ledger}
+
+
+async def test_commit_cut_before_its_answer_is_not_counted_twice(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    proxy = DatabaseProxy(database)
+    await proxy.open()
+    try:
+        server = pixel_server(f"--dsn={proxy.dsn()}", "--flush-interval=0.2")
+        await wait_for(lambda: "connected to" in server.log())
+        proxy.cut_after_next_commit = True
+        await send(server, "cid=ambiguous", 30)
+        await wait_for(lambda: proxy.commits_cut == 1)
+        await wait_for(lambda: "was already applied; skipped" in server.log())
+        await send(server, "cid=later", 5)
+        assert await asyncio.to_thread(server.terminate) == 0, server.log()
+    finally:
+        await proxy.close()
+    assert await impressions(database) == {"ambiguous": 30, "later": 5}
+
+
+async def test_replaying_a_sealed_batch_leaves_the_totals_unchanged(database: str) -> None:
+    connection = await storage.connect(database, timeout=10)
+    try:
+        batch = Batch(
+            uuid.uuid4(),
+            [
+                (1_700_000_000, "replay", "cr", "a", "s", 3, 1, 2, 1, 1, 0),
+                (1_700_000_000, "replay", "cr", "a", "s", 2, 0, 0, 0, 0, 1),  # same key twice
+                (1_700_000_060, "replay", "cr", "a", "s", 1, 0, 0, 0, 0, 0),
+            ],
+        )
+        assert await storage.apply(connection, batch) is True
+        first = await totals_by_key(database)
+        assert await storage.apply(connection, batch) is False
+        assert await storage.apply(connection, Batch.from_bytes(batch.to_bytes())) is False
+        assert (
+            await totals_by_key(database)
+            == first
+            == {("replay", "cr", "a", "s"): (6, 1, 2, 1, 1, 1)}
+        )
+    finally:
+        await connection.close()
+
+
+async def test_sigterm_with_the_database_down_spools_and_the_next_start_applies(
+    pixel_server: Callable[..., PixelServer], database: str, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    proxy = DatabaseProxy(database)  # closed: the database is unreachable
+    flags = (f"--dsn={proxy.dsn()}", "--flush-interval=0.2", f"--spool-dir={spool}")
+    server = pixel_server(*flags, "--shutdown-timeout=4")
+    await send(server, "cid=kept", 25)
+    started = time.monotonic()
+    assert await asyncio.to_thread(server.terminate) == 0, server.log()
+    assert time.monotonic() - started < 4 + 1, "exits within --shutdown-timeout"
+    assert spooled_impressions(spool) == {"kept": 25}
+    assert "wait in the spool" in server.log()
+
+    await proxy.open()
+    try:
+        again = pixel_server(*flags)
+        await wait_for(lambda: not list(spool.glob("*.batch")))
+        assert await asyncio.to_thread(again.terminate) == 0, again.log()
+    finally:
+        await proxy.close()
+    assert await impressions(database) == {"kept": 25}
+
+
+async def test_poison_batch_is_dead_lettered_and_later_batches_land(
+    pixel_server: Callable[..., PixelServer], database: str, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    server = pixel_server(f"--dsn={database}", "--flush-interval=0.2", f"--spool-dir={spool}")
+    await wait_for(lambda: "connected to" in server.log())
+    await fetch(
+        database,
+        "ALTER TABLE pixel_counts ADD CONSTRAINT no_poison CHECK (campaign <> 'poison')",
+    )
+    await send(server, "cid=poison", 3)
+    await wait_for(lambda: list((spool / "dead-letter").glob("*.batch")))
+    await send(server, "cid=healthy", 4)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{server.admin_url}/metrics") as answer,
+    ):
+        assert "pixel_dead_lettered_batches_total 1\n" in await answer.text()
+    assert await asyncio.to_thread(server.terminate) == 0, server.log()
+
+    assert await impressions(database) == {"healthy": 4}
+    (letter,) = (spool / "dead-letter").glob("*.batch")
+    document = orjson.loads(letter.read_bytes())
+    assert [row[1] for row in document["rows"]] == ["poison"]
+    assert document["rows"][0][5] == 3
+    assert "CheckViolationError" in document["error"]
+    assert "dead-lettered" in server.log()
+
+
+def test_spool_files_are_whole_or_absent(tmp_path: Path) -> None:
+    from server.spool import Spool
+
+    (tmp_path / "leftover.batch.partial").write_bytes(b'{"batch_id": "cut sh')
+    spool = Spool(tmp_path, max_bytes=400)
+    assert not (tmp_path / "leftover.batch.partial").exists()
+    assert spool.batches == 0 and not spool.over_budget
+    batch = Batch(uuid.uuid4(), [(60, "c", "", "", "", 1, 0, 0, 0, 0, 0)] * 5)
+    path = spool.write(batch)
+    assert spool.read(path) == batch
+    assert spool.batches == 1 and spool.bytes == path.stat().st_size
+    spool.write(batch)
+    assert spool.over_budget
+    assert Spool(tmp_path, max_bytes=400).bytes == spool.bytes  # a restart finds them
+    spool.remove(path)
+    assert spool.batches == 1 and not path.exists()
+
+
+async def test_memory_cap_drops_are_counted_and_logged(
+    pixel_server: Callable[..., PixelServer], database: str, tmp_path: Path
+) -> None:
+    proxy = DatabaseProxy(database)  # closed: the database is unreachable
+    server = pixel_server(
+        f"--dsn={proxy.dsn()}",
+        "--flush-interval=0.1",
+        f"--spool-dir={tmp_path / 'spool'}",
+        "--spool-max-bytes=1",  # no room: batches stay in memory
+        "--max-pending-batches=2",
+    )
+    await wait_for(lambda: "cannot write" in server.log())
+    async with aiohttp.ClientSession() as session:
+
+        async def gauges() -> dict[str, float]:
+            async with session.get(f"{server.admin_url}/metrics") as answer:
+                text = await answer.text()
+            return {
+                name: float(value)
+                for name, _, value in (line.partition(" ") for line in text.splitlines())
+                if not name.startswith("#")
+            }
+
+        for window in range(5):
+            await send(server, f"cid=w{window}", 1)
+            # Each window sealed apart: wait until it is pending or dropped.
+            deadline = time.monotonic() + 30
+            while True:
+                now = await gauges()
+                if now["pixel_pending_batches"] + now["pixel_dropped_rows_total"] == window + 1:
+                    break
+                assert time.monotonic() < deadline, now
+                await asyncio.sleep(0.05)
+        async with session.get(f"{server.base_url}/readyz") as answer:
+            assert answer.status == 503
+        dropped = (await gauges())["pixel_dropped_rows_total"]
+    # w0 went to the spool before it was over budget; w3 and w4 are held; w1 and w2 dropped.
+    assert dropped == 2
+    assert spooled_impressions(tmp_path / "spool") == {"w0": 1}
+    assert server.log().count("memory cap reached") == 2
+    assert server.log().count("over its budget") == 1
+    assert await asyncio.to_thread(server.terminate) == 0
