@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from _fastcount import Counters
-from server import health, pixel
+from server import clicks, givt, health, pixel, viewability
 from server.app_keys import CONFIG, COUNTERS, FLUSHER, METRICS
 from server.config import Config
 from server.flusher import Flusher
@@ -20,11 +20,13 @@ from server.spool import Spool
 log = logging.getLogger(__name__)
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+# No public endpoint reads a body; this bounds what one ever could.
+MAX_BODY_SIZE = 16 * 1024
 
 
 def make_app(config: Config, dsn: str) -> web.Application:
     """The public app on the pixel port. ``dsn`` is the database the flusher writes to."""
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_BODY_SIZE)
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[COUNTERS] = Counters(max_keys=config.max_keys)
@@ -47,9 +49,12 @@ def make_app(config: Config, dsn: str) -> web.Application:
     gauge("pixel_spool_batches", "Batches in the disk spool", lambda: spool.batches)
     gauge("pixel_spool_bytes", "Bytes in the disk spool", lambda: spool.bytes)
     app.router.add_get("/i.gif", pixel.impression)  # add_get also routes HEAD
+    app.router.add_get("/c", clicks.click)
+    viewability.setup(app)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.cleanup_ctx.append(_flushing)
+    givt.warm_up()
     return app
 
 

@@ -5,23 +5,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import uvloop
 from aiohttp import web
 
+from server import clicks, logs, snippet
 from server import config as settings
-from server import logs
 from server.app import make_admin_app, make_app
 from server.config import Config
 from server.dsn import redact
 from server.embedded import EmbeddedPostgres
+from server.query import Dimensions, Rejected, check_value
 
 log = logging.getLogger("server")
 
 # Pixel requests need no more than this: a long request line is an attack or a bug.
+# Signed click links stay valid this long unless --expires-in says otherwise.
+DEFAULT_LINK_LIFETIME = 90 * 24 * 3600
+
 MAX_LINE_SIZE = 4096
 MAX_FIELD_SIZE = 8190
 
@@ -38,7 +44,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         " be set by its PIXEL_* environment variable.",
     )
     settings.add_arguments(serve_parser)
+    serve_parser.set_defaults(run=_serve_command)
+    sign_parser = commands.add_parser(
+        "sign-click",
+        help="print a signed click link",
+        description="Print a click link that /c redirects to --to until it expires.",
+    )
+    add_click_arguments(sign_parser, required_to=True)
+    sign_parser.set_defaults(run=_sign_click_command)
+    snippet_parser = commands.add_parser(
+        "snippet",
+        help="print the HTML to paste into a creative",
+        description="Print the pixel, the viewability script tag and, with --to, a signed click"
+        " link: the HTML to paste into a creative's container.",
+    )
+    add_click_arguments(snippet_parser, required_to=False)
+    snippet.add_arguments(snippet_parser)
+    snippet_parser.set_defaults(run=_snippet_command)
     args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace, argparse.ArgumentParser], int] = args.run
+    return run(args, parser)
+
+
+def _serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         config = settings.from_namespace(args)
     except ValueError as error:
@@ -47,8 +75,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(config)
 
 
+def add_click_arguments(parser: argparse.ArgumentParser, *, required_to: bool) -> None:
+    """The flags of a signed click link: dimensions, destination, expiry, secret."""
+    for flag, meaning in (
+        ("--cid", "campaign id"),
+        ("--crid", "creative id"),
+        ("--aff", "affiliate id"),
+        ("--sub", "sub-id / placement"),
+    ):
+        parser.add_argument(flag, default="", help=meaning)
+    parser.add_argument(
+        "--base-url", required=True, help="public address of the pixel server, https://..."
+    )
+    parser.add_argument("--to", required=required_to, help="destination URL (http or https)")
+    parser.add_argument(
+        "--expires-in",
+        type=int,
+        default=DEFAULT_LINK_LIFETIME,
+        metavar="SECONDS",
+        help=f"how long the link stays valid (default {DEFAULT_LINK_LIFETIME} s, 90 days)",
+    )
+    parser.add_argument(
+        "--secret",
+        default=None,
+        help="click-signing secret (default: the first of PIXEL_SECRET); prefer the variable,"
+        " so the secret stays out of the shell history",
+    )
+
+
+def signed_click_url(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """The signed link the click flags describe; exits with a usage error if they are invalid."""
+    try:
+        secrets = settings.parse_secret(args.secret or os.environ.get("PIXEL_SECRET", ""))
+        dimensions = Dimensions(
+            *(check_value(v) for v in (args.cid, args.crid, args.aff, args.sub))
+        )
+        clicks.check_destination(check_value(args.to, clicks.MAX_DESTINATION_BYTES))
+    except ValueError as error:
+        parser.error(f"--secret / PIXEL_SECRET: {error}")
+    except Rejected as rejected:
+        parser.error(f"invalid value: {rejected.reason}")
+    if not secrets:
+        parser.error("a secret is needed: --secret or PIXEL_SECRET")
+    if args.expires_in < 1:
+        parser.error("--expires-in must be at least 1 second")
+    expires = int(time.time()) + args.expires_in
+    return clicks.click_url(args.base_url, secrets[0], dimensions, args.to, expires)
+
+
+def _sign_click_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    print(signed_click_url(args, parser))
+    return 0
+
+
+def _snippet_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    click_url = signed_click_url(args, parser) if args.to else None
+    try:
+        print(snippet.from_arguments(args, click_url))
+    except Rejected as rejected:
+        parser.error(f"invalid value: {rejected.reason}")
+    return 0
+
+
 def serve(config: Config) -> int:
     """Runs the server until SIGTERM or SIGINT; returns the exit status."""
+    if not config.secret:
+        log.warning("no --secret / PIXEL_SECRET: click links cannot be verified; /c answers 400")
     embedded = None
     dsn = config.dsn
     if not dsn:
@@ -85,6 +177,10 @@ async def _serve(config: Config, dsn: str) -> int:
         keepalive_timeout=config.keepalive_timeout,
         max_line_size=MAX_LINE_SIZE,
         max_field_size=MAX_FIELD_SIZE,
+        # No public endpoint reads a body. aiohttp would read and discard an unread one for up
+        # to 10 s before the next request; 0 closes the connection instead, so a POST with a
+        # large body never costs more than a GET (server/viewability.py).
+        lingering_time=0,
     )
     admin_runner = web.AppRunner(make_admin_app(app), handle_signals=False, access_log=None)
     await runner.setup()

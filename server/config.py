@@ -70,8 +70,21 @@ def _optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 
 
-def _setting(default: Any, parse: Callable[[str], Any], help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"parse": parse, "help": help})
+MIN_SECRET_LENGTH = 16
+
+
+def parse_secret(text: str) -> tuple[str, ...]:
+    """Comma-separated secrets: the first signs, every one verifies. Never echoed back."""
+    secrets = tuple(part.strip() for part in text.split(",") if part.strip())
+    if any(len(secret) < MIN_SECRET_LENGTH for secret in secrets):
+        raise ValueError(f"each secret must be at least {MIN_SECRET_LENGTH} characters long")
+    return secrets
+
+
+def _setting(default: Any, parse: Callable[[str], Any], help: str, *, secret: bool = False) -> Any:
+    return dataclasses.field(
+        default=default, repr=not secret, metadata={"parse": parse, "help": help}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +125,13 @@ class Config:
         300,
         _positive_int,
         "batches held in memory when the spool cannot take them; beyond, the oldest is dropped",
+    )
+    secret: tuple[str, ...] = _setting(
+        (),
+        parse_secret,
+        "click-signing secrets, comma-separated: the first signs, all verify (rotation);"
+        " none disables /c",
+        secret=True,
     )
     log_level: str = _setting("INFO", _log_level, "DEBUG, INFO, WARNING or ERROR")
 

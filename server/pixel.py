@@ -9,7 +9,7 @@ from aiohttp import web
 from _fastcount import GIVT_IMPRESSIONS, IMPRESSIONS
 from server import givt
 from server.app_keys import CONFIG, COUNTERS, METRICS
-from server.query import Rejected, parse_dimensions
+from server.query import Dimensions, Rejected, parse_dimensions
 
 # The smallest transparent GIF89a: 1x1, one transparent colour.
 GIF = (
@@ -35,23 +35,38 @@ def raw_query(request: web.Request) -> bytes:
     return request.raw_path.partition("?")[2].encode("utf-8", "surrogateescape")
 
 
-def count(request: web.Request, human_field: int, givt_field: int) -> None:
-    """Counts one event of a GET request, or its rejection reason; never raises for bad input."""
+def reject(request: web.Request, rejected: Rejected) -> None:
+    """Counts a request answered but not counted, by reason."""
+    request.app[METRICS].rejected[rejected.reason] += 1
+
+
+def record(
+    request: web.Request, dimensions: Dimensions, human_field: int, givt_field: int | None
+) -> None:
+    """Adds one event to the current bucket: to the GIVT field for bots and prefetches, or,
+    for an event with no GIVT field (``None``), only to the ``givt`` metric."""
     app = request.app
-    try:
-        dimensions = parse_dimensions(raw_query(request))
-    except Rejected as rejected:
-        app[METRICS].rejected[rejected.reason] += 1
-        return
     reason = givt.classify(request.headers)
     if reason is None:
         field = human_field
     else:
-        field = givt_field
         app[METRICS].givt[reason] += 1
+        if givt_field is None:
+            return
+        field = givt_field
     width = app[CONFIG].bucket_seconds
     now = int(time.time())
     app[COUNTERS].add(now - now % width, *dimensions, field)
+
+
+def count(request: web.Request, human_field: int, givt_field: int) -> None:
+    """Counts one event of a GET request, or its rejection reason; never raises for bad input."""
+    try:
+        dimensions = parse_dimensions(raw_query(request))
+    except Rejected as rejected:
+        reject(request, rejected)
+        return
+    record(request, dimensions, human_field, givt_field)
 
 
 async def impression(request: web.Request) -> web.Response:

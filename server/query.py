@@ -56,9 +56,11 @@ def _unquote(raw: bytes) -> bytes:
     return head + b"".join(bytes.fromhex(part[:2].decode("ascii")) + part[2:] for part in rest)
 
 
-def _decode(raw: bytes) -> str:
+def decode_value(raw: bytes, max_bytes: int = MAX_VALUE_BYTES) -> str:
+    """Decodes one raw parameter value: strict percent-decoding, UTF-8, at most ``max_bytes``
+    decoded bytes, no control characters; raises :class:`Rejected` otherwise."""
     data = _unquote(raw)
-    if len(data) > MAX_VALUE_BYTES:
+    if len(data) > max_bytes:
         raise Rejected(VALUE_TOO_LONG)
     try:
         text = data.decode("utf-8")
@@ -66,6 +68,19 @@ def _decode(raw: bytes) -> str:
         raise Rejected(INVALID_UTF8) from None
     if _CONTROL.search(text):
         raise Rejected(CONTROL_CHARACTER)
+    return text
+
+
+def check_value(text: str, max_bytes: int = MAX_VALUE_BYTES) -> str:
+    """The same rules for a value given as text (on the command line, say)."""
+    if len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise Rejected(VALUE_TOO_LONG)
+    if _CONTROL.search(text):
+        raise Rejected(CONTROL_CHARACTER)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Rejected(INVALID_UTF8) from None
     return text
 
 
@@ -84,7 +99,7 @@ def parse_dimensions(query: bytes) -> Dimensions:
         position = _DIMENSION_PARAMS.get(name.decode("latin-1"))
         if position is None and b"%" in name:
             try:
-                position = _DIMENSION_PARAMS.get(_decode(name))
+                position = _DIMENSION_PARAMS.get(decode_value(name))
             except Rejected:
                 continue  # an unknown parameter, however badly encoded, is ignored
         if position is None:
@@ -92,5 +107,5 @@ def parse_dimensions(query: bytes) -> Dimensions:
         if seen & (1 << position):
             raise Rejected(REPEATED_PARAMETER)
         seen |= 1 << position
-        values[position] = _decode(raw)
+        values[position] = decode_value(raw)
     return Dimensions(*values)

@@ -11,4 +11,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
+# The viewability tests drive Debian's chromium through Playwright, which cannot download a
+# browser here.
+if [ ! -x /usr/bin/chromium ]; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+fi
 exec .venv/bin/python -m pytest "$@"
