@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 from _fastcount import Counters
-from server import clicks, givt, health, pixel, viewability
-from server.app_keys import CONFIG, COUNTERS, FLUSHER, METRICS
+from server import clicks, dashboard, givt, health, loop_lag, pixel, viewability
+from server.app_keys import CONFIG, COUNTERS, DSN, FLUSHER, METRICS, METRICS_SNAPSHOT
 from server.config import Config
 from server.flusher import Flusher
-from server.metrics import Metrics
+from server.metrics import Metrics, Snapshot, render
 from server.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ def make_app(config: Config, dsn: str) -> web.Application:
     """The public app on the pixel port. ``dsn`` is the database the flusher writes to."""
     app = web.Application(client_max_size=MAX_BODY_SIZE)
     app[CONFIG] = config
+    app[DSN] = dsn
     app[METRICS] = Metrics()
     app[COUNTERS] = Counters(max_keys=config.max_keys)
     spool = Spool(config.spool_path, config.spool_max_bytes)
@@ -48,6 +49,14 @@ def make_app(config: Config, dsn: str) -> web.Application:
     )
     gauge("pixel_spool_batches", "Batches in the disk spool", lambda: spool.batches)
     gauge("pixel_spool_bytes", "Bytes in the disk spool", lambda: spool.bytes)
+    gauge("pixel_spool_max_bytes", "Spool budget (--spool-max-bytes)", lambda: spool.max_bytes)
+    gauge(
+        "pixel_flusher_ready",
+        "1 while the database takes every batch and the spool is within budget (as /readyz)",
+        lambda: int(app[FLUSHER].ready),
+        "min",
+    )
+    loop_lag.setup(app, app[METRICS])
     app.router.add_get("/i.gif", pixel.impression)  # add_get also routes HEAD
     app.router.add_get("/c", clicks.click)
     viewability.setup(app)
@@ -75,16 +84,35 @@ async def _flushing(app: web.Application) -> AsyncIterator[None]:
     await flusher.close(timeout)
 
 
-def make_admin_app(pixel_app: web.Application) -> web.Application:
-    """The private app on the admin port, reading the pixel app's state."""
+def make_admin_app(
+    pixel_app: web.Application,
+    metrics_snapshot: Callable[[], Awaitable[Snapshot]] | None = None,
+) -> web.Application:
+    """The private app on the admin port: ``/metrics`` and the operator page.
+
+    ``metrics_snapshot`` gives the metrics it reports; by default the pixel app's. With several
+    worker processes, pass one that returns ``server.metrics.merge`` of every worker's
+    ``Metrics.snapshot()``: ``/metrics`` and the page then cover them all.
+    """
     admin = web.Application()
-    metrics = pixel_app[METRICS]
+    admin[CONFIG] = pixel_app[CONFIG]
+    admin[DSN] = pixel_app[DSN]
+    if metrics_snapshot is None:
+        metrics = pixel_app[METRICS]
+
+        async def this_process() -> Snapshot:
+            return metrics.snapshot()
+
+        metrics_snapshot = this_process
+    admin[METRICS_SNAPSHOT] = metrics_snapshot
 
     async def metrics_page(request: web.Request) -> web.Response:
+        snapshot = await request.app[METRICS_SNAPSHOT]()
         return web.Response(
-            body=metrics.render().encode(),
+            body=render(snapshot).encode(),
             headers={"Content-Type": PROMETHEUS_TEXT, "Cache-Control": "no-store"},
         )
 
     admin.router.add_get("/metrics", metrics_page)
+    dashboard.setup(admin)
     return admin

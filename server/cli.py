@@ -10,13 +10,15 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import uvloop
 from aiohttp import web
 
-from server import clicks, logs, snippet
+from server import clicks, logs, protocol, report_command, snippet, supervisor
 from server import config as settings
 from server.app import make_admin_app, make_app
+from server.app_keys import METRICS
 from server.config import Config
 from server.dsn import redact
 from server.embedded import EmbeddedPostgres
@@ -61,6 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_click_arguments(snippet_parser, required_to=False)
     snippet.add_arguments(snippet_parser)
     snippet_parser.set_defaults(run=_snippet_command)
+    report_parser = commands.add_parser(
+        "report",
+        help="print impressions, viewability and clicks from the stored counts",
+        description="Print impressions, GIVT impressions, measurable, viewable, viewability"
+        " rate, clicks and CTR over a time range, grouped by campaign, creative, affiliate,"
+        " sub-id, hour or day. --dsn and --data-dir work as for serve.",
+    )
+    report_command.add_arguments(report_parser)
+    report_parser.set_defaults(run=report_command.command)
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace, argparse.ArgumentParser], int] = args.run
     return run(args, parser)
@@ -160,6 +171,8 @@ def serve(config: Config) -> int:
     else:
         log.info("flushing to %s", redact(dsn))
     try:
+        if config.workers > 1:
+            return uvloop.run(supervisor.Supervisor(config, dsn).run())
         return uvloop.run(_serve(config, dsn))
     finally:
         if embedded is not None:
@@ -169,36 +182,48 @@ def serve(config: Config) -> int:
 
 async def _serve(config: Config, dsn: str) -> int:
     app = make_app(config, dsn)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        shutdown_timeout=config.shutdown_timeout,
-        access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
-        keepalive_timeout=config.keepalive_timeout,
-        max_line_size=MAX_LINE_SIZE,
-        max_field_size=MAX_FIELD_SIZE,
+    handler_args: dict[str, Any] = {
+        "access_log": logging.getLogger("aiohttp.access") if config.access_log else None,
+        "keepalive_timeout": config.keepalive_timeout,
+        "max_line_size": MAX_LINE_SIZE,
+        "max_field_size": MAX_FIELD_SIZE,
         # No public endpoint reads a body. aiohttp would read and discard an unread one for up
         # to 10 s before the next request; 0 closes the connection instead, so a POST with a
         # large body never costs more than a GET (server/viewability.py).
-        lingering_time=0,
+        "lingering_time": 0,
+    }
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=config.shutdown_timeout, **handler_args
     )
-    admin_runner = web.AppRunner(make_admin_app(app), handle_signals=False, access_log=None)
+    admin = make_admin_app(app)
+    # A worker of --workers: the port is shared, and the admin app is for the supervisor only.
+    worker_socket = os.environ.get(supervisor.WORKER_SOCKET)
+    if worker_socket:
+        supervisor.snapshot_route(admin, app[METRICS].snapshot)
+    admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
     await runner.setup()
     await admin_runner.setup()
+    pixels = None
     try:
         try:
-            await web.TCPSite(runner, config.host, config.port, backlog=4096).start()
-            await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
+            pixels = await protocol.listen(
+                runner, config.host, config.port, reuse_port=bool(worker_socket), **handler_args
+            )
+            if worker_socket:
+                await web.UnixSite(admin_runner, worker_socket).start()
+            else:
+                await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
         except OSError as error:
             log.error("cannot listen: %s", error)
             return 1
-        log.info(
-            "serving pixels on http://%s:%d, admin on http://%s:%d",
-            config.host,
-            config.port,
-            config.admin_host,
-            config.admin_port,
-        )
+        if not worker_socket:
+            log.info(
+                "serving pixels on http://%s:%d, admin on http://%s:%d",
+                config.host,
+                config.port,
+                config.admin_host,
+                config.admin_port,
+            )
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -206,6 +231,8 @@ async def _serve(config: Config, dsn: str) -> int:
         await stopping.wait()
         log.info("stopping: answering requests in flight, then the final flush")
     finally:
+        if pixels is not None:
+            pixels.close()  # no new connections; runner.cleanup() answers the open ones
         await admin_runner.cleanup()
         await runner.cleanup()
     log.info("stopped")

@@ -20,7 +20,7 @@ from aiohttp import web
 from yarl import URL
 
 from _fastcount import CLICKS, GIVT_CLICKS
-from server.app_keys import CONFIG
+from server.app_keys import CONFIG, METRICS
 from server.pixel import raw_query, record, reject
 from server.query import (
     REPEATED_PARAMETER,
@@ -134,6 +134,7 @@ async def click(request: web.Request) -> web.Response:
     Clicks from bots and prefetches are redirected too (so detection is not revealed), and
     counted in ``givt_clicks``. ``HEAD`` gets the same answer and counts nothing.
     """
+    request.app[METRICS].requests["/c"] += 1
     query = raw_query(request)
     try:
         dimensions = parse_dimensions(query)

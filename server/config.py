@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +92,14 @@ class Config:
     host: str = _setting("0.0.0.0", str, "address the pixel port listens on")
     port: int = _setting(8080, _port, "pixel port: /i.gif, /healthz, /readyz")
     admin_host: str = _setting("127.0.0.1", str, "address of the admin port (keep it private)")
-    admin_port: int = _setting(9100, _port, "admin port: /metrics")
+    admin_port: int = _setting(9100, _port, "admin port: /metrics and the operator page")
     dsn: str = _setting(
         "", str, "PostgreSQL connection string; empty starts the embedded PostgreSQL in --data-dir"
     )
     data_dir: Path = _setting(DEFAULT_DATA_DIR, Path, "folder of the embedded PostgreSQL's data")
+    workers: int = _setting(
+        1, _positive_int, "processes sharing the pixel port (SO_REUSEPORT); each counts and flushes"
+    )
     flush_interval: float = _setting(1.0, _positive_float, "seconds between flushes to PostgreSQL")
     bucket_seconds: int = _setting(60, _positive_int, "width of a time bucket in seconds")
     max_keys: int = _setting(
@@ -162,9 +165,12 @@ SETTINGS: tuple[Setting, ...] = tuple(
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds one flag per setting; a flag left out is filled from the environment or default."""
+def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """Adds one flag per setting (or per setting in ``names``); a flag left out is filled from
+    the environment or default."""
     for setting in SETTINGS:
+        if names is not None and setting.name not in names:
+            continue
         parser.add_argument(
             setting.flag,
             dest=setting.name,
@@ -175,15 +181,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_namespace(
-    namespace: argparse.Namespace, environ: Mapping[str, str] | None = None
+    namespace: argparse.Namespace,
+    environ: Mapping[str, str] | None = None,
+    names: Collection[str] | None = None,
 ) -> Config:
-    """Builds the config from parsed flags, then ``PIXEL_*`` variables, then defaults.
+    """Builds the config from parsed flags, then ``PIXEL_*`` variables, then defaults; with
+    ``names``, only those settings are read and the others keep their defaults.
 
     Raises ``ValueError`` naming the flag or variable when a value is invalid.
     """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for setting in SETTINGS:
+        if names is not None and setting.name not in names:
+            continue
         raw = getattr(namespace, setting.name, None)
         source = setting.flag
         if raw is None:

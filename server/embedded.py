@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 SYSTEM_USER = "embedded_postgres"
 # Unix socket paths are limited to 107 bytes; PostgreSQL adds "/.s.PGSQL.5432".
 _MAX_SOCKET_DIR = 90
+# The cluster's folder inside the data folder.
+CLUSTER = "postgres"
+
+
+def cluster_exists(data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds a cluster already; unlike :class:`EmbeddedPostgres`, the
+    question creates nothing."""
+    return (data_dir / CLUSTER / "PG_VERSION").exists()
 
 
 def bin_dir() -> Path:
@@ -48,13 +56,12 @@ class EmbeddedPostgres:
         self.bin = bin_dir()
         self.psql = self.bin / "psql"
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.pgdata = data_dir.resolve() / "postgres"
+        self.pgdata = data_dir.resolve() / CLUSTER
         self._user = _system_user() if os.geteuid() == 0 else None
         socket_dir = self.pgdata
         if len(str(socket_dir)) > _MAX_SOCKET_DIR:
             socket_dir = Path(tempfile.mkdtemp(prefix="pixel-pg-"))
         self.socket_dir = socket_dir
-        self.dsn = f"postgresql://postgres@/postgres?host={socket_dir}"
 
     def start(self) -> None:
         """Creates the cluster if need be and starts it; a running one is used as it is."""
@@ -65,6 +72,7 @@ class EmbeddedPostgres:
             log.info("created a PostgreSQL cluster in %s", self.pgdata)
         self._own(self.socket_dir)
         if self.running():
+            self._use_running_socket()
             return
         options = f"-c listen_addresses='' -k {self.socket_dir}"
         log_file = self.pgdata / "postgresql.log"
@@ -80,6 +88,20 @@ class EmbeddedPostgres:
             **self._as_owner(),
         )
         return status.returncode == 0
+
+    def _use_running_socket(self) -> None:
+        """Points the DSN at the socket folder the running server was started with (the fifth
+        line of ``postmaster.pid``): another process may have chosen a temporary one."""
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return
+        if len(lines) > 4 and lines[4].strip():
+            self.socket_dir = Path(lines[4].strip())
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@/postgres?host={self.socket_dir}"
 
     def stop(self) -> None:
         """Stops the server cleanly (a fast shutdown: every committed count is on disk)."""

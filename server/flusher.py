@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ class Flusher:
             # Pending before it is filled: a cancelled seal still leaves every row in it.
             batch = Batch(uuid.uuid4(), [])
             self._pending.append(Pending(batch))
-            await seal(window, batch.rows)
+            await seal(window, batch.rows, self._metrics.events)
 
     async def _apply_pending(self, connect_timeout: float) -> None:
         try:
@@ -190,6 +191,7 @@ class Flusher:
                 self._metrics.dead_lettered += 1
                 log.error("spool file %s is unreadable (%s); moved to %s", item.path, error, target)
                 return
+        started = time.perf_counter()
         try:
             applied = await storage.apply(self._connection, batch)
         except (asyncpg.PostgresError, ValueError) as error:
@@ -208,11 +210,11 @@ class Flusher:
                 target,
             )
             return
+        seconds = time.perf_counter() - started
         if item.path is not None:
             await asyncio.to_thread(self._spool.remove, item.path)
         if applied:
-            self._metrics.flushes += 1
-            self._metrics.flushed_rows += len(batch.rows)
+            self._metrics.flushed(len(batch.rows), seconds)
         else:
             log.warning("batch %s was already applied; skipped", batch.batch_id)
 

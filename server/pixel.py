@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -43,10 +44,20 @@ def reject(request: web.Request, rejected: Rejected) -> None:
 def record(
     request: web.Request, dimensions: Dimensions, human_field: int, givt_field: int | None
 ) -> None:
+    """Adds one event of the request to the current bucket (see :func:`record_event`)."""
+    record_event(request.app, request.headers, dimensions, human_field, givt_field)
+
+
+def record_event(
+    app: web.Application,
+    headers: Mapping[str, str],
+    dimensions: Dimensions,
+    human_field: int,
+    givt_field: int | None,
+) -> None:
     """Adds one event to the current bucket: to the GIVT field for bots and prefetches, or,
     for an event with no GIVT field (``None``), only to the ``givt`` metric."""
-    app = request.app
-    reason = givt.classify(request.headers)
+    reason = givt.classify(headers)
     if reason is None:
         field = human_field
     else:
@@ -61,16 +72,28 @@ def record(
 
 def count(request: web.Request, human_field: int, givt_field: int) -> None:
     """Counts one event of a GET request, or its rejection reason; never raises for bad input."""
+    count_query(request.app, raw_query(request), request.headers, human_field, givt_field)
+
+
+def count_query(
+    app: web.Application,
+    query: bytes,
+    headers: Mapping[str, str],
+    human_field: int,
+    givt_field: int,
+) -> None:
+    """Counts one event from the raw query string and the headers of a request."""
     try:
-        dimensions = parse_dimensions(raw_query(request))
+        dimensions = parse_dimensions(query)
     except Rejected as rejected:
-        reject(request, rejected)
+        app[METRICS].rejected[rejected.reason] += 1
         return
-    record(request, dimensions, human_field, givt_field)
+    record_event(app, headers, dimensions, human_field, givt_field)
 
 
 async def impression(request: web.Request) -> web.Response:
     """``GET /i.gif``: one impression. ``HEAD`` gets the same answer and counts nothing."""
+    request.app[METRICS].requests["/i.gif"] += 1
     if request.method == "GET":
         count(request, IMPRESSIONS, GIVT_IMPRESSIONS)
     return gif_response()

@@ -14,6 +14,7 @@ from importlib import resources
 from aiohttp import web
 
 from _fastcount import MEASURABLE, VIEWABLE
+from server.app_keys import METRICS
 from server.pixel import PIXEL_HEADERS, gif_response, raw_query, record, reject
 from server.query import REPEATED_PARAMETER, Rejected, parse_dimensions
 
@@ -23,8 +24,9 @@ UNKNOWN_EVENT = "unknown_event"
 
 EVENTS = {b"m": MEASURABLE, b"v": VIEWABLE}
 
-# A beacon carries everything in its query string; its body, if any, is never read. Beyond
-# this, the answer asks the client to close: see ``event``.
+# A beacon carries everything in its query string; its body, if any, is never read. A body
+# that came whole and no larger than this is dropped and the connection kept; any other is
+# answered with ``Connection: close``: see ``event``.
 MAX_IGNORED_BODY = 1024
 
 # The 204 to a beacon: the pixel's no-cache headers, without the image's.
@@ -76,13 +78,13 @@ async def event(request: web.Request) -> web.Response:
     far more than a GET. The runner sets ``lingering_time=0``, which closes a connection whose
     body is still unread; the ``Connection: close`` here says so to the client.
     """
+    request.app[METRICS].requests["/v.gif"] += 1
     if request.method != "HEAD":
         count_event(request)
     if request.method != "POST":
         return gif_response()
     response = web.Response(status=204, headers=BEACON_HEADERS)
-    length = request.content_length
-    if length is None or length > MAX_IGNORED_BODY or not request.content.is_eof():
+    if not request.content.is_eof() or (request.content_length or 0) > MAX_IGNORED_BODY:
         response.force_close()
     return response
 
@@ -157,6 +159,7 @@ def matches(if_none_match: str, etags: tuple[str, ...]) -> bool:
 async def script(request: web.Request) -> web.Response:
     """``GET /v.js``: the script, cacheable, gzipped when the client accepts it; 304 when the
     client's copy is current."""
+    request.app[METRICS].requests["/v.js"] += 1
     gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
     etag = SCRIPT.gzip_etag if gzipped else SCRIPT.etag
     headers = {**SCRIPT_HEADERS, "ETag": etag}

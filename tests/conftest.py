@@ -60,7 +60,10 @@ def pixel_server(tmp_path: Path) -> Iterator[Callable[..., PixelServer]]:
     started: list[PixelServer] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> PixelServer:
-        server = PixelServer(tmp_path / f"server-{len(started)}.log", *args, env=env)
+        # A data folder (so a spool) of each server's own, unless the test's flags name one (the
+        # last flag wins): a batch one test leaves spooled must never reach another's database.
+        own_data = f"--data-dir={tmp_path / f'data-{len(started)}'}"
+        server = PixelServer(tmp_path / f"server-{len(started)}.log", own_data, *args, env=env)
         started.append(server)
         return server
 

@@ -3,21 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import asyncpg
 
+from _fastcount import COLUMNS
 from loadtests.accounting import totals_by_key
 from loadtests.processes import PixelServer, free_port
 
-__all__ = ["DatabaseProxy", "PixelServer", "fetch", "free_port", "totals_by_key", "with_database"]
+__all__ = [
+    "DatabaseProxy",
+    "PixelServer",
+    "fetch",
+    "free_port",
+    "insert_counts",
+    "totals_by_key",
+    "with_database",
+]
 
 
 def with_database(dsn: str, name: str) -> str:
     """The same server's DSN for database ``name``."""
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path="/" + name))
+
+
+async def insert_counts(dsn: str, records: Sequence[tuple[Any, ...]]) -> None:
+    """Adds rows to pixel_counts as they are: ``(bucket, campaign, creative, affiliate, sub_id,
+    impressions, givt_impressions, measurable, viewable, clicks, givt_clicks)``."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        columns = ["bucket", "campaign", "creative", "affiliate", "sub_id", *COLUMNS]
+        await connection.copy_records_to_table("pixel_counts", records=records, columns=columns)
+    finally:
+        await connection.close()
 
 
 async def fetch(dsn: str, query: str, *args: Any) -> list[Any]:

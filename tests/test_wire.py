@@ -120,3 +120,49 @@ async def test_keep_alive_and_pipelining_answer_in_order(
     assert server.terminate() == 0
     rows = await fetch(database, "SELECT creative, impressions FROM pixel_counts ORDER BY 1")
     assert [tuple(row) for row in rows] == [(str(n), 1) for n in range(5)]
+
+
+def responses(answer: bytes) -> list[tuple[bytes, dict[str, str], bytes]]:
+    """Splits pipelined answers, using Content-Length (HEAD answers carry no body)."""
+    result = []
+    while answer:
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        status, headers, _ = split(head + b"\r\n\r\n")
+        is_head = not rest.startswith(b"GIF89a") and headers.get("content-type") == "image/gif"
+        length = 0 if is_head else int(headers.get("content-length", "0"))
+        result.append((status, headers, rest[:length]))
+        answer = rest[length:]
+    return result
+
+
+async def test_fast_and_normal_paths_answer_alike_and_in_order(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    """Keep-alive GET and HEAD of /i.gif are answered from precomputed bytes, anything else by
+    aiohttp; pipelined together, the answers keep their order and are the same answer."""
+    server = pixel_server(f"--dsn={database}", "--flush-interval=0.1")
+    ua = b"User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n"
+    pipelined = (
+        b"GET /i.gif?cid=fast HTTP/1.1\r\nHost: t\r\n" + ua + b"\r\n"
+        b"HEAD /i.gif?cid=fast HTTP/1.1\r\nHost: t\r\n" + ua + b"\r\n"
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"GET /i.gif?cid=fast HTTP/1.1\r\nHost: t\r\n" + ua + b"\r\n"
+        b"GET /i.gif?cid=normal HTTP/1.1\r\nHost: t\r\n" + ua + b"Connection: close\r\n\r\n"
+    )
+    answers = responses(await asyncio.to_thread(exchange, server, pipelined))
+    assert [status for status, _, _ in answers] == [b"HTTP/1.1 200 OK"] * 5
+    assert [body for _, _, body in answers] == [
+        TRANSPARENT_GIF,
+        b"",
+        b"ok\n",
+        TRANSPARENT_GIF,
+        TRANSPARENT_GIF,
+    ]
+    fast, head, _, fast_again, normal = (headers for _, headers, _ in answers)
+    for headers in (fast, head, fast_again, normal):
+        headers.pop("date")
+    normal.pop("connection")
+    assert fast == head == fast_again == normal
+    assert server.terminate() == 0
+    rows = await fetch(database, "SELECT campaign, impressions FROM pixel_counts ORDER BY 1")
+    assert [tuple(row) for row in rows] == [("fast", 2), ("normal", 1)]

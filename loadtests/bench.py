@@ -1,0 +1,226 @@
+"""Pixel throughput side by side: nginx ``empty_gif``, a minimal aiohttp app, pixel-server.
+
+    python -m loadtests.bench                     # 3 rounds of 5 s each, one table
+    python -m loadtests.bench --rounds 5 --seconds 10 --json bench.json
+
+Each server gets one core (taskset), wrk gets the other: ``wrk -t1 -c64`` over keep-alive
+connections, the same realistic requests for all (50 creatives, a fresh cache-buster each time,
+a browser User-Agent). The servers take turns, round after round (A B C A B C ...), so a noisy
+machine slows them alike, and the table shows the median of the rounds: requests/s, p50 and
+p99 latency, and the ratios to nginx and to the minimal aiohttp app. pixel-server runs as in
+production: counting, flushing every second into a PostgreSQL cluster of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from loadtests.processes import PIXEL_SERVER, free_port
+from server.embedded import EmbeddedPostgres
+
+SERVER_CORE, WRK_CORE = "0", "1"
+BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/124.0 Safari/537.36"
+WRK_SCRIPT = """
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("GET", "/i.gif?cid=bench&crid=c" .. (n %% 50) .. "&aff=a&sub=s&cb=" .. n,
+                    {["User-Agent"] = "%s"})
+end
+"""
+NGINX_CONF = """
+worker_processes 1;
+pid {folder}/nginx.pid;
+error_log {folder}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  server {{ listen 127.0.0.1:{port}; location = /i.gif {{ empty_gif; }} }}
+}}
+"""
+
+
+@dataclasses.dataclass
+class Run:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, seconds: int, script: Path) -> Run:
+    output = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            WRK_CORE,
+            "wrk",
+            "-t1",
+            "-c64",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    p50 = re.search(r"\s50%\s+(\S+)", output)
+    p99 = re.search(r"\s99%\s+(\S+)", output)
+    if not (rate and p50 and p99) or "Non-2xx" in output or "Socket errors" in output:
+        raise RuntimeError(f"wrk saw errors or printed something unexpected:\n{output}")
+    return Run(float(rate[1]), _ms(p50[1]), _ms(p99[1]))
+
+
+def wait_serving(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer")
+
+
+@contextlib.contextmanager
+def started(command: list[str], url: str, log: Path, cores: str) -> Iterator[str]:
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            ["taskset", "-c", cores, *command],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            try:
+                wait_serving(url)
+            except TimeoutError:
+                raise RuntimeError(f"{command[0]} did not start:\n{log.read_text()}") from None
+            yield url
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1], help="pixel-server worker counts to run"
+    )
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is needed (Debian packages wrk, nginx-light, util-linux)")
+    results: dict[str, list[Run]] = {"nginx empty_gif": [], "aiohttp minimal": []}
+    with tempfile.TemporaryDirectory(prefix="pixel-bench-") as name:
+        folder = Path(name)
+        script = folder / "requests.lua"
+        script.write_text(WRK_SCRIPT % BROWSER)
+        nginx_port, aiohttp_port, pixel_port = free_port(), free_port(), free_port()
+        (folder / "nginx.conf").write_text(NGINX_CONF.format(folder=folder, port=nginx_port))
+        postgres = EmbeddedPostgres(folder / "db")
+        postgres.start()
+        # label -> (command, port, cores): one core each, but a run of several workers gets
+        # both cores, which it then shares with wrk.
+        servers: dict[str, tuple[list[str], int, str]] = {
+            "nginx empty_gif": (
+                ["nginx", "-c", str(folder / "nginx.conf"), "-p", str(folder), "-g", "daemon off;"],
+                nginx_port,
+                SERVER_CORE,
+            ),
+            "aiohttp minimal": (
+                [sys.executable, "-m", "loadtests.reference_app", f"--port={aiohttp_port}"],
+                aiohttp_port,
+                SERVER_CORE,
+            ),
+        }
+        for workers in args.workers:
+            label = "pixel-server" if workers == 1 else f"pixel-server x{workers}"
+            results.setdefault(label, [])
+            servers[label] = (
+                [
+                    PIXEL_SERVER,
+                    "serve",
+                    "--host=127.0.0.1",
+                    f"--port={pixel_port}",
+                    f"--admin-port={free_port()}",
+                    f"--workers={workers}",
+                    f"--dsn={postgres.dsn}",
+                    f"--spool-dir={folder / 'spool'}",
+                ],
+                pixel_port,
+                SERVER_CORE if workers == 1 else f"{SERVER_CORE},{WRK_CORE}",
+            )
+        try:
+            for round_number in range(args.rounds):
+                for label, (command, port, cores) in servers.items():
+                    url = f"http://127.0.0.1:{port}"
+                    with started(command, url + "/i.gif", folder / f"{label}.log", cores):
+                        wrk(url, 1, script)  # warm-up
+                        results[label].append(wrk(url, args.seconds, script))
+                print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr)
+        finally:
+            postgres.stop()
+
+    medians = {
+        label: Run(
+            *(
+                statistics.median(getattr(run, field.name) for run in runs)
+                for field in dataclasses.fields(Run)
+            )
+        )
+        for label, runs in results.items()
+    }
+    nginx, minimal = medians["nginx empty_gif"], medians["aiohttp minimal"]
+    print(
+        f"wrk -t1 -c64, {args.seconds} s per run, median of {args.rounds} alternating rounds;"
+        " server on core 0, wrk on core 1"
+    )
+    header = ("server", "requests/s", "p50 ms", "p99 ms", "vs nginx", "vs aiohttp")
+    print("{:<18}{:>12}{:>9}{:>9}{:>10}{:>12}".format(*header))
+    for label, run in medians.items():
+        print(
+            f"{label:<18}{run.requests_per_second:>12,.0f}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}"
+            f"{run.requests_per_second / nginx.requests_per_second:>9.2f}x"
+            f"{run.requests_per_second / minimal.requests_per_second:>11.2f}x"
+        )
+    if args.json:
+        args.json.write_bytes(
+            orjson.dumps(
+                {
+                    "medians": {k: dataclasses.asdict(v) for k, v in medians.items()},
+                    "runs": {k: [dataclasses.asdict(r) for r in v] for k, v in results.items()},
+                    "rounds": args.rounds,
+                    "seconds": args.seconds,
+                },
+                option=orjson.OPT_INDENT_2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

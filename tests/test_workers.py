@@ -1,0 +1,82 @@
+"""``--workers``: several processes on one port, a supervisor that restarts and stops them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aiohttp
+import psutil
+from yarl import URL
+
+from tests.harness import PixelServer, fetch
+
+UA = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) workers-test"}
+
+
+async def send(server: PixelServer, query: str, times: int) -> None:
+    # A new connection per request, so the kernel spreads them over the workers.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(headers=UA, connector=connector) as session:
+
+        async def one() -> None:
+            async with session.get(f"{server.base_url}/i.gif?{query}") as answer:
+                assert answer.status == 200
+                assert len(await answer.read()) == 43
+
+        for _ in range(times // 20):
+            await asyncio.gather(*(one() for _ in range(20)))
+
+
+async def ready_workers(server: PixelServer, starts: int) -> None:
+    """Waits until the supervisor has seen ``starts`` worker starts through."""
+    deadline = time.monotonic() + 30
+    while server.log().count(" ready (pid ") < starts:
+        assert time.monotonic() < deadline, server.log()
+        await asyncio.sleep(0.05)
+
+
+async def stored(dsn: str) -> int:
+    rows = await fetch(dsn, "SELECT coalesce(sum(impressions), 0)::bigint FROM pixel_counts")
+    return int(rows[0][0])
+
+
+async def test_workers_share_the_port_restart_and_flush_on_sigterm(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    server = pixel_server(f"--dsn={database}", "--workers=2", "--flush-interval=0.1")
+    await ready_workers(server, 2)
+    workers = psutil.Process(server.process.pid).children()
+    assert len(workers) == 2
+
+    await send(server, "cid=before", 400)
+    deadline = time.monotonic() + 30
+    while await stored(database) != 400:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    flushers = await fetch(database, "SELECT count(*) FROM flush_batches")
+    assert flushers[0][0] >= 2
+
+    workers[0].kill()  # the supervisor restarts it; nothing of it was unflushed
+    await ready_workers(server, 3)
+    assert "restarting it" in server.log()
+
+    await send(server, "cid=after", 400)
+    async with aiohttp.ClientSession(
+        headers=UA, connector=aiohttp.TCPConnector(force_close=True)
+    ) as session:
+        for _ in range(20):
+            url = URL(f"{server.base_url}/i.gif?cid=%zz", encoded=True)
+            async with session.get(url) as answer:
+                assert answer.status == 200
+        async with session.get(f"{server.admin_url}/metrics") as answer:
+            metrics = await answer.text()
+    # The admin port sums every worker's counters.
+    assert 'pixel_rejected_requests_total{reason="bad_percent_encoding"} 20' in metrics
+
+    assert await asyncio.to_thread(server.terminate) == 0, server.log()
+    rows = await fetch(
+        database, "SELECT campaign, sum(impressions)::int FROM pixel_counts GROUP BY 1 ORDER BY 1"
+    )
+    assert [tuple(row) for row in rows] == [("after", 400), ("before", 400)]
