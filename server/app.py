@@ -47,9 +47,15 @@ def make_app(config: Config, dsn: str) -> web.Application:
         "Sealed batches not yet in PostgreSQL",
         lambda: app[FLUSHER].pending_batches,
     )
-    gauge("pixel_spool_batches", "Batches in the disk spool", lambda: spool.batches)
-    gauge("pixel_spool_bytes", "Bytes in the disk spool", lambda: spool.bytes)
-    gauge("pixel_spool_max_bytes", "Spool budget (--spool-max-bytes)", lambda: spool.max_bytes)
+    # Counted on disk: workers sharing the spool folder report the same figure, hence "max".
+    gauge("pixel_spool_batches", "Batches in the disk spool", lambda: spool.batches, "max")
+    gauge("pixel_spool_bytes", "Bytes in the disk spool", lambda: spool.bytes, "max")
+    gauge(
+        "pixel_spool_max_bytes",
+        "Spool budget (--spool-max-bytes)",
+        lambda: spool.max_bytes,
+        "max",
+    )
     gauge(
         "pixel_flusher_ready",
         "1 while the database takes every batch and the spool is within budget (as /readyz)",

@@ -9,6 +9,7 @@ file back into the spool folder applies it again at the next start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -30,7 +31,6 @@ class Spool:
         self.dead_letter_directory.mkdir(exist_ok=True)
         for partial in directory.glob("*.partial"):
             partial.unlink()  # a write cut short by a crash: never renamed, never counted
-        self._sizes = {path: path.stat().st_size for path in self.paths()}
 
     def paths(self) -> list[Path]:
         """The spooled batches on disk, oldest first."""
@@ -38,11 +38,16 @@ class Spool:
 
     @property
     def batches(self) -> int:
-        return len(self._sizes)
+        """Counted on disk, so processes sharing the folder all see the same figure."""
+        return len(self.paths())
 
     @property
     def bytes(self) -> int:
-        return sum(self._sizes.values())
+        total = 0
+        for path in self.paths():
+            with contextlib.suppress(FileNotFoundError):  # applied meanwhile by another process
+                total += path.stat().st_size
+        return total
 
     @property
     def over_budget(self) -> bool:
@@ -52,7 +57,6 @@ class Spool:
         """Writes a batch durably; returns its file. Blocking: call it from a thread."""
         path = self.directory / f"{time.time_ns():020d}-{batch.batch_id}{SUFFIX}"
         _write_durably(path, batch.to_bytes())
-        self._sizes[path] = path.stat().st_size
         return path
 
     def read(self, path: Path) -> Batch:
@@ -61,7 +65,6 @@ class Spool:
     def remove(self, path: Path) -> None:
         """Forgets an applied batch (another process may have removed it already)."""
         path.unlink(missing_ok=True)
-        self._sizes.pop(path, None)
 
     def dead_letter(self, batch: Batch, error: str, path: Path | None) -> Path:
         """Keeps a batch PostgreSQL rejected, with the error, out of the way of the others."""
@@ -75,7 +78,6 @@ class Spool:
         """Moves an unreadable spool file to the dead letters as it is."""
         target = self.dead_letter_directory / path.name
         os.replace(path, target)
-        self._sizes.pop(path, None)
         return target
 
 

@@ -52,8 +52,8 @@ async def impressions(dsn: str) -> dict[str, int]:
 
 async def test_outage_under_load_every_answered_hit_is_stored_once(tmp_path: Path) -> None:
     report = await outage.run(tmp_path, outage=10.0, rate=400.0, before=2.0, after=2.0)
-    assert report.failed_requests == 0
-    assert report.impressions.sent > 4_000
+    assert report.failed_requests == 0, report.lines()
+    assert report.impressions.sent > 4_000, report.lines()
     assert report.impressions.exact, report.lines()
 
 
