@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 import logging
+import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 
-from server.batch import Batch
+from server.batch import Batch, Row
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,40 @@ async def apply(connection: Any, batch: Batch) -> bool:
         )
         if not recorded:
             return False
-        await connection.copy_records_to_table("pixel_staging", records=batch.rows)
+        await connection.copy_to_table(
+            "pixel_staging", source=copy_binary(batch.rows), format="binary"
+        )
         await connection.execute(_MERGE)
     return True
+
+
+# PostgreSQL's binary COPY format: a signature, flags and header extension, then per row the
+# field count and each field as its length and bytes (bigint: 8 bytes, big-endian), then -1.
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_TRAILER = struct.pack(">h", -1)
+_BUCKET = struct.Struct(">hiq")  # field count, then the bucket
+_LENGTH = struct.Struct(">i")
+_COUNTS = struct.Struct(">" + "iq" * 6)
+# Rows encoded per step. asyncpg's copy_records_to_table encodes every row on the event loop
+# in one go (the longest stall while flushing 200,000 keys: 15-23 ms); encoding here in steps
+# lets the loop answer pixels between them.
+COPY_STEP = 2_000
+
+
+async def copy_binary(rows: list[Row]) -> AsyncIterator[bytes]:
+    """The rows in binary COPY format, a step of rows at a time."""
+    yield _COPY_HEADER
+    for start in range(0, len(rows), COPY_STEP):
+        parts = []
+        for bucket, campaign, creative, affiliate, sub_id, *counts in rows[
+            start : start + COPY_STEP
+        ]:
+            parts.append(_BUCKET.pack(11, 8, bucket))
+            for text in (campaign, creative, affiliate, sub_id):
+                data = text.encode()
+                parts.append(_LENGTH.pack(len(data)))
+                parts.append(data)
+            parts.append(_COUNTS.pack(*(part for count in counts for part in (8, count))))
+        yield b"".join(parts)
+        await asyncio.sleep(0)
+    yield _COPY_TRAILER
