@@ -24,7 +24,7 @@ import asyncpg
 
 from _fastcount import Counters
 from server import storage
-from server.batch import Batch, seal
+from server.batch import Batch, collector_paused, release, seal
 from server.dsn import redact
 from server.metrics import Metrics
 from server.spool import Spool
@@ -110,9 +110,10 @@ class Flusher:
     async def flush(self) -> None:
         """Seals the current window, applies what is pending unless in backoff, and spools
         what the database did not take."""
-        await self._seal()
-        if asyncio.get_running_loop().time() >= self._retry_at:
-            await self._apply_pending(CONNECT_TIMEOUT)
+        with collector_paused():
+            await self._seal()
+            if asyncio.get_running_loop().time() >= self._retry_at:
+                await self._apply_pending(CONNECT_TIMEOUT)
         if self._failures:
             await self._spool_in_memory()
 
@@ -171,6 +172,13 @@ class Flusher:
         except _RETRYABLE as error:
             self._failed(error)
             return
+        except Exception as error:
+            # Anything else (a driver state left behind by an operation cut short, say) is a
+            # bug to report, not a reason to stop flushing: the batch stays pending and the
+            # connection is opened anew, as after any failure.
+            log.exception("unexpected error while writing to %s", redact(self._dsn))
+            self._failed(error)
+            return
         if self._failures:
             log.info("database %s is back; all waiting batches applied", redact(self._dsn))
         self._failures = 0
@@ -217,6 +225,7 @@ class Flusher:
             self._metrics.flushed(len(batch.rows), seconds)
         else:
             log.warning("batch %s was already applied; skipped", batch.batch_id)
+        await release(batch.rows)
 
     async def _spool_in_memory(self) -> None:
         """Writes the batches held in memory to the spool, while it has room."""
