@@ -123,8 +123,8 @@ _LENGTH = struct.Struct(">i")
 _COUNTS = struct.Struct(">" + "iq" * 6)
 # Rows encoded per step. asyncpg's copy_records_to_table encodes every row on the event loop
 # in one go; encoding here in steps lets the loop answer pixels between them. A step of 1,000
-# rows takes about 2.4 ms; with the collector paused while flushing, the longest stall for
-# 200,000 keys fell from 23-30 ms to 4-7 ms (bench_flush.py).
+# rows takes about 2.4 ms (timed on this machine); with the collector paused while flushing,
+# the longest stall for 200,000 keys fell from 23-30 ms to 4-7 ms (bench_flush.py).
 COPY_STEP = 1_000
 
 

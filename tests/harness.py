@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -19,9 +20,29 @@ __all__ = [
     "fetch",
     "free_port",
     "insert_counts",
+    "metric",
     "totals_by_key",
+    "wait_for",
     "with_database",
 ]
+
+
+async def wait_for(condition: Callable[[], object], timeout: float = 30.0) -> None:
+    """Waits until ``condition()`` holds; fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+def metric(text: str, name: str, *labels: str) -> float:
+    """The value of one sample in a Prometheus text page; 0 where it has none. Labels are
+    given as ``key="value"`` strings, in the order the page shows them."""
+    sample = f"{name}{{{','.join(labels)}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(sample):
+            return float(line[len(sample) :])
+    return 0
 
 
 def with_database(dsn: str, name: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 
 import aiohttp
@@ -11,7 +10,8 @@ import pytest
 from yarl import URL
 
 from server.pixel import GIF
-from tests.harness import PixelServer, fetch
+from tests.harness import PixelServer, fetch, metric
+from tests.raw_http import exchange
 
 UA = {"User-Agent": "Mozilla/5.0 bad-input-test"}
 
@@ -29,13 +29,6 @@ BAD_QUERIES = [
     ("cid=a&cid=b", "repeated_parameter"),
     ("cid=a&sub=x&sub=x", "repeated_parameter"),
 ]
-
-
-def metric(text: str, name: str, reason: str) -> int:
-    for line in text.splitlines():
-        if line.startswith(f'{name}{{reason="{reason}"}} '):
-            return int(line.rsplit(" ", 1)[1])
-    return 0
 
 
 async def test_invalid_values_get_the_gif_and_are_counted_as_rejected(
@@ -57,19 +50,12 @@ async def test_invalid_values_get_the_gif_and_are_counted_as_rejected(
     for _, reason in BAD_QUERIES:
         expected[reason] = expected.get(reason, 0) + 1
     for reason, count in expected.items():
-        assert metric(metrics, "pixel_rejected_requests_total", reason) == count, reason
+        assert metric(metrics, "pixel_rejected_requests_total", f'reason="{reason}"') == count, (
+            reason
+        )
     assert server.terminate() == 0
     rows = await fetch(database, "SELECT campaign, impressions FROM pixel_counts")
     assert [tuple(row) for row in rows] == [("good", 1)]
-
-
-def raw_status(port: int, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-        connection.sendall(request)
-        answer = b""
-        while b"\r\n" not in answer and (chunk := connection.recv(4096)):
-            answer += chunk
-    return answer.split(b"\r\n", 1)[0]
 
 
 @pytest.mark.parametrize(
@@ -95,7 +81,7 @@ async def test_malformed_http_gets_a_4xx_and_the_worker_stays_up(
     pixel_server: Callable[..., PixelServer], database: str, request_bytes: bytes
 ) -> None:
     server = pixel_server(f"--dsn={database}")
-    status = await asyncio.to_thread(raw_status, server.port, request_bytes)
+    status = (await asyncio.to_thread(exchange, server.port, request_bytes)).partition(b"\r\n")[0]
     assert status.startswith(b"HTTP/1.1 4") or status.startswith(b"HTTP/1.0 4"), status
     async with (
         aiohttp.ClientSession(headers=UA) as session,

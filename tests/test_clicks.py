@@ -14,7 +14,7 @@ from yarl import URL
 from loadtests.processes import PIXEL_SERVER
 from server import clicks
 from server.query import Dimensions, Rejected
-from tests.harness import PixelServer, totals_by_key
+from tests.harness import PixelServer, metric, totals_by_key
 
 SECRET = "test-secret-0123456789"
 OLD_SECRET = "old-secret-9876543210"
@@ -116,11 +116,6 @@ async def test_a_link_signed_with_a_rotated_out_secret_still_works_while_listed(
     assert server.terminate() == 0
 
 
-def metric(text: str, reason: str) -> int:
-    prefix = f'pixel_rejected_requests_total{{reason="{reason}"}} '
-    return sum(int(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
-
-
 async def test_invalid_links_get_400_a_short_page_and_no_redirect(
     pixel_server: Callable[..., PixelServer], database: str
 ) -> None:
@@ -147,7 +142,7 @@ async def test_invalid_links_get_400_a_short_page_and_no_redirect(
     ):
         metrics = await answer.text()
     for reason in cases:
-        assert metric(metrics, reason) == 1, reason
+        assert metric(metrics, "pixel_rejected_requests_total", f'reason="{reason}"') == 1, reason
     assert server.terminate() == 0
     assert await totals_by_key(database) == {}
     assert SECRET not in server.log()

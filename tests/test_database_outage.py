@@ -8,17 +8,9 @@ from collections.abc import Callable
 
 import aiohttp
 
-from tests.harness import DatabaseProxy, PixelServer, fetch
+from tests.harness import DatabaseProxy, PixelServer, fetch, wait_for
 
 UA = {"User-Agent": "Mozilla/5.0 outage-test"}
-
-
-async def wait_for(condition: Callable[[], object], timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "timed out"
-        await asyncio.sleep(0.1)
 
 
 async def readyz(session: aiohttp.ClientSession, server: PixelServer) -> int:

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.harness import PixelServer, totals_by_key
+from tests.raw_http import exchange, status_codes
 
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0"
 FUZZ = settings(
@@ -24,28 +25,6 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture],
     database=None,
 )
-
-
-def exchange(port: int, request: bytes, idle: float = 5.0) -> bytes:
-    """Sends raw bytes; returns what the server answers until it closes the connection or
-    stays silent for ``idle`` seconds (an incomplete request, or a kept-alive connection)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=idle) as connection:
-        chunks = []
-        try:
-            connection.sendall(request)
-            while chunk := connection.recv(65536):
-                chunks.append(chunk)
-        except (TimeoutError, ConnectionResetError, BrokenPipeError):
-            pass
-    return b"".join(chunks)
-
-
-def status_codes(answer: bytes) -> list[int]:
-    return [
-        int(line.split(b" ")[1])
-        for line in answer.split(b"\r\n")
-        if line.startswith(b"HTTP/1.") and len(line.split(b" ")) > 1
-    ]
 
 
 def assert_serving(server: PixelServer) -> None:

@@ -20,10 +20,9 @@ from server import givt, viewability
 from server.pixel import GIF
 from server.query import Rejected
 from server.viewability import SCRIPT, accepts_gzip, compact, parse_event
-from tests.harness import PixelServer, fetch
-from tests.test_bad_input import metric
-from tests.test_hardening import BROWSER, exchange, status_codes
-from tests.test_wire import split
+from tests.harness import PixelServer, fetch, metric
+from tests.raw_http import exchange, split, status_codes
+from tests.test_hardening import BROWSER
 
 NO_CACHE = {
     "cache-control": "no-cache, no-store, must-revalidate",
@@ -142,7 +141,9 @@ async def test_bad_events_are_answered_and_counted_as_rejected_by_reason(
     metrics = (await send_admin(server)).decode()
     for reason in {reason for _, _, reason in BAD_EVENTS}:
         expected = sum(1 for _, _, r in BAD_EVENTS if r == reason)
-        assert metric(metrics, "pixel_rejected_requests_total", reason) == expected, reason
+        assert metric(metrics, "pixel_rejected_requests_total", f'reason="{reason}"') == expected, (
+            reason
+        )
     assert server.terminate() == 0
     assert await stored(database) == [("good", "", "", "", 0, 0, 1, 0)]
 
@@ -159,9 +160,9 @@ async def test_givt_is_never_measurable_or_viewable(server: PixelServer, databas
     )
     await send(server, bot)
     metrics = (await send_admin(server)).decode()
-    assert metric(metrics, "pixel_givt_requests_total", givt.EMPTY_USER_AGENT) == 1
-    assert metric(metrics, "pixel_givt_requests_total", givt.PREFETCH) == 2
-    assert metric(metrics, "pixel_givt_requests_total", givt.KNOWN_BOT) == 1
+    assert metric(metrics, "pixel_givt_requests_total", f'reason="{givt.EMPTY_USER_AGENT}"') == 1
+    assert metric(metrics, "pixel_givt_requests_total", f'reason="{givt.PREFETCH}"') == 2
+    assert metric(metrics, "pixel_givt_requests_total", f'reason="{givt.KNOWN_BOT}"') == 1
     assert server.terminate() == 0
     assert await stored(database) == []
 

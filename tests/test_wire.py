@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 
 from server.pixel import GIF
 from tests.harness import PixelServer, fetch
+from tests.raw_http import exchange, split
 
 TRANSPARENT_GIF = bytes.fromhex(
     "4749463839610100010080000000000000000021f90401000000002c00000000010001000002024401003b"
 )
-
-
-def exchange(server: PixelServer, request: bytes) -> bytes:
-    """Sends raw bytes, returns everything the server answers until it closes."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as connection:
-        connection.sendall(request)
-        chunks = []
-        while chunk := connection.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def split(answer: bytes) -> tuple[bytes, dict[str, str], bytes]:
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status, *lines = head.decode("latin-1").split("\r\n")
-    headers: dict[str, str] = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        assert name.lower() not in headers, f"header {name} sent twice"
-        headers[name.lower()] = value.strip()
-    return status.encode(), headers, body
 
 
 def test_the_gif_is_the_43_byte_transparent_gif89a() -> None:
@@ -46,7 +25,7 @@ async def test_get_answers_exact_bytes_and_headers(
     server = pixel_server(f"--dsn={database}", "--flush-interval=0.1")
     answer = await asyncio.to_thread(
         exchange,
-        server,
+        server.port,
         b"GET /i.gif?cid=c1&crid=cr1&aff=a1&sub=s1&cb=123 HTTP/1.1\r\nHost: t\r\n"
         b"User-Agent: Mozilla/5.0 test\r\nConnection: close\r\n\r\n",
     )
@@ -76,8 +55,8 @@ async def test_head_gets_the_same_headers_no_body_and_counts_nothing(
         b"/i.gif?cid=head HTTP/1.1\r\nHost: t\r\nUser-Agent: Mozilla/5.0\r\n"
         b"Connection: close\r\n\r\n"
     )
-    get = await asyncio.to_thread(exchange, server, b"GET " + request)
-    head = await asyncio.to_thread(exchange, server, b"HEAD " + request)
+    get = await asyncio.to_thread(exchange, server.port, b"GET " + request)
+    head = await asyncio.to_thread(exchange, server.port, b"HEAD " + request)
     get_status, get_headers, _ = split(get)
     head_status, head_headers, head_body = split(head)
     assert head_status == get_status == b"HTTP/1.1 200 OK"
@@ -96,7 +75,7 @@ async def test_other_methods_count_nothing_and_are_refused(
     server = pixel_server(f"--dsn={database}", "--flush-interval=0.1")
     answer = await asyncio.to_thread(
         exchange,
-        server,
+        server.port,
         b"DELETE /i.gif?cid=x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
     )
     assert split(answer)[0] == b"HTTP/1.1 405 Method Not Allowed"
@@ -113,7 +92,7 @@ async def test_keep_alive_and_pipelining_answer_in_order(
         for n in range(5)
     )
     last = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    answer = await asyncio.to_thread(exchange, server, requests + last)
+    answer = await asyncio.to_thread(exchange, server.port, requests + last)
     assert answer.count(b"HTTP/1.1 200 OK") == 6
     assert answer.count(TRANSPARENT_GIF) == 5
     assert answer.endswith(b"ok\n")
@@ -149,7 +128,7 @@ async def test_fast_and_normal_paths_answer_alike_and_in_order(
         b"GET /i.gif?cid=fast HTTP/1.1\r\nHost: t\r\n" + ua + b"\r\n"
         b"GET /i.gif?cid=normal HTTP/1.1\r\nHost: t\r\n" + ua + b"Connection: close\r\n\r\n"
     )
-    answers = responses(await asyncio.to_thread(exchange, server, pipelined))
+    answers = responses(await asyncio.to_thread(exchange, server.port, pipelined))
     assert [status for status, _, _ in answers] == [b"HTTP/1.1 200 OK"] * 5
     assert [body for _, _, body in answers] == [
         TRANSPARENT_GIF,

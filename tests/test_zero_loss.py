@@ -17,16 +17,9 @@ from loadtests import outage
 from server import storage
 from server.batch import Batch
 from server.embedded import EmbeddedPostgres
-from tests.harness import DatabaseProxy, PixelServer, fetch, totals_by_key
+from tests.harness import DatabaseProxy, PixelServer, fetch, totals_by_key, wait_for
 
 UA = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) zero-loss-test"}
-
-
-async def wait_for(condition: Callable[[], object], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.1)
 
 
 async def send(server: PixelServer, query: str, times: int) -> None:

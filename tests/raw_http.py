@@ -1,0 +1,38 @@
+"""Raw HTTP over a socket, for the tests that must see exact bytes or send broken ones."""
+
+from __future__ import annotations
+
+import socket
+
+
+def exchange(port: int, request: bytes, idle: float = 5.0) -> bytes:
+    """Sends raw bytes; returns what the server answers until it closes the connection or
+    stays silent for ``idle`` seconds (an incomplete request, or a kept-alive connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=idle) as connection:
+        chunks = []
+        try:
+            connection.sendall(request)
+            while chunk := connection.recv(65536):
+                chunks.append(chunk)
+        except (TimeoutError, ConnectionResetError, BrokenPipeError):
+            pass
+    return b"".join(chunks)
+
+
+def status_codes(answer: bytes) -> list[int]:
+    return [
+        int(line.split(b" ")[1])
+        for line in answer.split(b"\r\n")
+        if line.startswith(b"HTTP/1.") and len(line.split(b" ")) > 1
+    ]
+
+
+def split(answer: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        assert name.lower() not in headers, f"header {name} sent twice"
+        headers[name.lower()] = value.strip()
+    return status.encode(), headers, body
