@@ -5,18 +5,40 @@ flusher calls :meth:`Counters.swap`, which hands the window counted so far to a
 :class:`Window` in constant time, and drains that window in batches (from a
 worker thread if it likes: the two share nothing) while counting goes on::
 
-    >>> from _fastcount import Counters, IMPRESSIONS, VIEWABLE
+    >>> from _fastcount import CLICKS, IMPRESSIONS, VIEWABLE, Counters
     >>> counters = Counters(max_keys=1_000_000)
     >>> bucket = 1_700_000_000  # unix seconds of the bucket start
     >>> counters.add(bucket, "summer-sale", "banner-300x250", "aff-17", "", IMPRESSIONS)
     >>> counters.add(bucket, "summer-sale", "banner-300x250", "aff-17", "", VIEWABLE, 2)
+    >>> counters.add(bucket, "spring-sale", "banner-728x90", "aff-17", "", CLICKS)
     >>> window = counters.swap()
     >>> len(counters), len(window)
-    (0, 1)
+    (0, 2)
+    >>> window.totals
+    (1, 0, 0, 2, 1, 0)
+    >>> window.drain(1)
+    [(1700000000, 'spring-sale', 'banner-728x90', 'aff-17', '', 0, 0, 0, 0, 1, 0)]
     >>> window.drain(5_000)
     [(1700000000, 'summer-sale', 'banner-300x250', 'aff-17', '', 1, 0, 0, 2, 0, 0)]
     >>> window.drain(5_000)
     []
+
+Rows come out in key order: ascending bucket, then campaign, creative,
+affiliate and sub_id compared as UTF-8 bytes. That is PostgreSQL's order for the
+primary key with ``COLLATE "C"``: concurrent writers lock rows in one order, and
+index inserts go in index order. The first drain sorts the whole window, without
+holding the GIL. ``totals`` sums each field over every row the window was
+swapped out with, drained or not. :meth:`Window.drain_copy` takes the same rows
+already encoded as the tuples of PostgreSQL's binary COPY format, to send after
+its file header::
+
+    >>> import struct
+    >>> counters.add(bucket, "summer-sale", "", "", "", CLICKS)
+    >>> copy = counters.swap().drain_copy(5_000)
+    >>> struct.unpack_from(">hiq", copy)  # 11 fields; the first, 8 bytes long: the bucket
+    (11, 8, 1700000000)
+    >>> len(copy)
+    113
 
 A row is keyed by (bucket, campaign, creative, affiliate, sub_id) and holds one
 count per field of :data:`COLUMNS`, in that order; ``IMPRESSIONS`` to

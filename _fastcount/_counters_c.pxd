@@ -3,7 +3,10 @@
 # Memory layout, per distinct key:
 #   one malloc'd block = Entry header (80 bytes) followed by the four dimension
 #   strings as UTF-8, back to back, no terminators (their lengths are in `lens`);
-#   one Entry* slot in its shard's open-addressing table (load kept under 0.7).
+#   one Entry* slot in its shard's open-addressing table (load kept under 0.7),
+#   until a Window's first drain or totals moves the Entry* into one array
+#   sorted by key (8 bytes a key) and frees the tables.
+from cpython.pythread cimport PyThread_type_lock
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 
@@ -48,16 +51,18 @@ cdef class Counters:
 
 
 cdef class Window:
-    cdef Shard *_shards
+    cdef Shard *_shards          # as swapped out; NULL once gathered into _sorted
     cdef Py_ssize_t _nshards
-    cdef Py_ssize_t _shard_pos   # drain cursor: shard, then slot within it
-    cdef size_t _slot_pos
-    cdef int64_t _rows
+    cdef Entry **_sorted         # every row in key order; the drain cursor is _pos,
+    cdef Py_ssize_t _pos         # and the rows before it are freed
+    cdef int64_t _rows           # rows not drained yet
     cdef int64_t _overflowed
-    # Rows taken out by a drain() that then failed to build its result
-    # (MemoryError): handed out first by the next drain(), so none is lost.
-    cdef Entry **_spill
-    cdef Py_ssize_t _nspill
+    # Per-field sums over every row, (hi << 64) | lo: set when the rows are
+    # gathered, before any is drained.
+    cdef uint64_t _totals_lo[NFIELDS]
+    cdef uint64_t _totals_hi[NFIELDS]
+    # Held by drain(), drain_copy() and totals, which run partly without the GIL.
+    cdef PyThread_type_lock _lock
 
-    cdef Py_ssize_t _take(self, Entry **batch, Py_ssize_t want) noexcept nogil
-    cdef void _keep(self, Entry **batch, Py_ssize_t got) noexcept
+    cdef int _acquire(self) except -1
+    cdef int _gather(self) except -1

@@ -5,10 +5,19 @@ same for every public call. Declarations are in _counters_c.pxd.
 """
 
 cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
+from cpython.pythread cimport (
+    NOWAIT_LOCK,
+    WAIT_LOCK,
+    PyThread_acquire_lock,
+    PyThread_allocate_lock,
+    PyThread_free_lock,
+    PyThread_release_lock,
+)
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport INT64_MAX, UINT32_MAX, int64_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdint cimport INT64_MAX, UINT32_MAX, int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
 
 
@@ -186,6 +195,86 @@ cdef tuple entry_row(Entry *e):
     )
 
 
+cdef int entry_cmp(const void *a, const void *b) noexcept nogil:
+    """qsort() comparator of two Entry *: bucket, then the four dimensions as
+    UTF-8 bytes (memcmp, then the shorter first): PostgreSQL's order for the
+    primary key with COLLATE "C", and the code point order of the str."""
+    cdef const Entry *x = (<const Entry **>a)[0]
+    cdef const Entry *y = (<const Entry **>b)[0]
+    if x.bucket != y.bucket:
+        return -1 if x.bucket < y.bucket else 1
+    cdef const char *px = entry_data(<Entry *>x)
+    cdef const char *py = entry_data(<Entry *>y)
+    cdef int i, c
+    for i in range(NDIMS):
+        c = memcmp(px, py, min(x.lens[i], y.lens[i]))
+        if c != 0:
+            return c
+        if x.lens[i] != y.lens[i]:
+            return -1 if x.lens[i] < y.lens[i] else 1
+        px += x.lens[i]
+        py += y.lens[i]
+    return 0
+
+
+# ------------------------------------------------------- binary COPY tuples
+
+cdef enum:
+    COPY_FIELDS = 1 + NDIMS + NFIELDS
+    # A tuple less its dimensions' bytes: the field count (int16), then an
+    # int32 length per field, and the bucket and counts as int64.
+    COPY_FIXED = 2 + 4 * COPY_FIELDS + 8 * (1 + NFIELDS)
+
+
+cdef inline unsigned char *put_be16(unsigned char *p, uint16_t v) noexcept nogil:
+    p[0] = <unsigned char>(v >> 8)
+    p[1] = <unsigned char>v
+    return p + 2
+
+
+cdef inline unsigned char *put_be32(unsigned char *p, uint32_t v) noexcept nogil:
+    p[0] = <unsigned char>(v >> 24)
+    p[1] = <unsigned char>(v >> 16)
+    p[2] = <unsigned char>(v >> 8)
+    p[3] = <unsigned char>v
+    return p + 4
+
+
+cdef inline unsigned char *put_be64(unsigned char *p, uint64_t v) noexcept nogil:
+    put_be32(p, <uint32_t>(v >> 32))
+    put_be32(p + 4, <uint32_t>v)
+    return p + 8
+
+
+cdef Py_ssize_t copy_size(Entry **rows, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t size = COPY_FIXED * n
+    cdef Py_ssize_t i
+    cdef int j
+    for i in range(n):
+        for j in range(NDIMS):
+            size += rows[i].lens[j]
+    return size
+
+
+cdef unsigned char *copy_tuple(unsigned char *p, Entry *e) noexcept nogil:
+    """Writes e as one tuple of PostgreSQL's binary COPY format, all integers
+    big-endian; returns the end. Empty dimensions are empty text, not NULL."""
+    cdef const char *data = entry_data(e)
+    cdef int i
+    p = put_be16(p, COPY_FIELDS)
+    p = put_be32(p, 8)
+    p = put_be64(p, <uint64_t>e.bucket)
+    for i in range(NDIMS):
+        p = put_be32(p, e.lens[i])
+        memcpy(p, data, e.lens[i])
+        p += e.lens[i]
+        data += e.lens[i]
+    for i in range(NFIELDS):
+        p = put_be32(p, 8)
+        p = put_be64(p, <uint64_t>e.counts[i])
+    return p
+
+
 # -------------------------------------------------------------------- shards
 
 cdef Shard *shards_new(Py_ssize_t nshards) noexcept nogil:
@@ -213,6 +302,32 @@ cdef void shards_free(Shard *shards, Py_ssize_t nshards) noexcept nogil:
             for j in range(shards[i].mask + 1):
                 free(shards[i].slots[j])
             free(shards[i].slots)
+    free(shards)
+
+
+cdef void shards_gather(
+    Shard *shards, Py_ssize_t nshards, Entry **into, uint64_t *lo, uint64_t *hi
+) noexcept nogil:
+    """Moves every row into `into` (as many slots as rows), adds its counts
+    to the 128-bit sums (hi, lo) per field, and frees the tables."""
+    cdef Py_ssize_t n = 0
+    cdef Py_ssize_t i
+    cdef size_t j
+    cdef int f
+    cdef Entry *e
+    cdef uint64_t count
+    for i in range(nshards):
+        for j in range(shards[i].mask + 1):
+            e = shards[i].slots[j]
+            if e == NULL:
+                continue
+            into[n] = e
+            n += 1
+            for f in range(NFIELDS):
+                count = <uint64_t>e.counts[f]  # never negative: add() takes n >= 1
+                lo[f] += count
+                hi[f] += lo[f] < count
+        free(shards[i].slots)
     free(shards)
 
 
@@ -396,6 +511,9 @@ cdef class Counters:
         if self._shards == NULL:
             raise RuntimeError("Counters.__init__() was not called")
         cdef Window window = Window.__new__(Window)
+        window._lock = PyThread_allocate_lock()
+        if window._lock == NULL:
+            raise MemoryError()
         cdef Shard *fresh = shards_new(self._nshards)
         if fresh == NULL:
             raise MemoryError()
@@ -427,17 +545,24 @@ cdef class Counters:
 cdef class Window:
     """The counts of a window swapped out of a Counters, drained in batches.
 
-    A Window shares nothing with its Counters: drain it from any thread.
+    A Window shares nothing with its Counters: drain it from any thread. Rows
+    come out in key order: ascending bucket, then campaign, creative,
+    affiliate and sub_id compared as UTF-8 bytes, which is PostgreSQL's order
+    for the primary key with COLLATE "C". The first drain (or totals) sorts
+    the whole window, without holding the GIL.
     """
     def __init__(self, *args, **kwargs):
         raise TypeError("Window objects are made by Counters.swap()")
 
     def __dealloc__(self):
         cdef Py_ssize_t i
-        for i in range(self._nspill):
-            free(self._spill[i])
-        free(self._spill)
+        if self._sorted != NULL:
+            for i in range(self._pos, self._pos + <Py_ssize_t>self._rows):
+                free(self._sorted[i])
+            free(self._sorted)
         shards_free(self._shards, self._nshards)
+        if self._lock != NULL:
+            PyThread_free_lock(self._lock)
 
     def __len__(self):
         return self._rows
@@ -446,87 +571,118 @@ cdef class Window:
     def overflowed(self):
         return self._overflowed
 
+    @property
+    def totals(self):
+        """Per-field sums, in COLUMNS order, over every row the window was
+        swapped out with, drained or not. Exact: a sum may pass int64."""
+        cdef int f
+        self._acquire()
+        try:
+            self._gather()
+        finally:
+            PyThread_release_lock(self._lock)
+        return tuple([
+            (<object>self._totals_hi[f] << 64) | self._totals_lo[f] for f in range(NFIELDS)
+        ])
+
     def drain(self, limit):
-        """Removes and returns up to limit (>= 1) rows; [] once empty.
+        """Removes and returns up to limit (>= 1) rows, in key order; [] once empty.
 
         A row is (bucket, campaign, creative, affiliate, sub_id, impressions,
-        givt_impressions, measurable, viewable, clicks, givt_clicks), in no
-        particular order. Drained rows free their memory.
+        givt_impressions, measurable, viewable, clicks, givt_clicks). Drained
+        rows free their memory.
         """
         cdef int64_t limit_ = as_int64(limit)
         if limit_ < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        cdef Py_ssize_t want = <Py_ssize_t>min(limit_, self._rows)
-        if want == 0:
-            return []
         cdef list rows = []
-        cdef Entry **batch = <Entry **>malloc(<size_t>want * sizeof(Entry *))
-        if batch == NULL:
-            raise MemoryError()
-        # Taking rows out runs no Python code, so drains from several threads
-        # get disjoint rows; building the result may (a GC pass), and a
-        # MemoryError there puts the rows back.
-        cdef Py_ssize_t got = self._take(batch, want)
-        cdef Py_ssize_t i
+        cdef Entry **batch
+        cdef Py_ssize_t got, i
+        self._acquire()
         try:
+            self._gather()
+            got = <Py_ssize_t>min(limit_, self._rows)
+            if got == 0:
+                return rows
+            batch = self._sorted + self._pos
             for i in range(got):
                 rows.append(entry_row(batch[i]))
-        except BaseException:
-            self._keep(batch, got)
-            raise
-        for i in range(got):
-            free(batch[i])
-        free(batch)
+            # Only a complete result moves the cursor: after a MemoryError
+            # above (building the rows may allocate), the next drain hands
+            # out the same rows again.
+            for i in range(got):
+                free(batch[i])
+            self._pos += got
+            self._rows -= got
+        finally:
+            PyThread_release_lock(self._lock)
         return rows
 
-    cdef Py_ssize_t _take(self, Entry **batch, Py_ssize_t want) noexcept nogil:
-        cdef Py_ssize_t got = 0
-        cdef Shard *s
-        cdef Entry *e
-        while got < want and self._nspill > 0:
-            self._nspill -= 1
-            batch[got] = self._spill[self._nspill]
-            got += 1
-        if self._nspill == 0 and self._spill != NULL:
-            free(self._spill)
-            self._spill = NULL
-        while got < want and self._shard_pos < self._nshards:
-            s = &self._shards[self._shard_pos]
-            while got < want and s.used > 0:
-                e = s.slots[self._slot_pos]
-                if e != NULL:
-                    s.slots[self._slot_pos] = NULL
-                    s.used -= 1
-                    batch[got] = e
-                    got += 1
-                self._slot_pos += 1
-            if s.used == 0:
-                # Drained shards give their table back at once.
-                free(s.slots)
-                s.slots = NULL
-                s.mask = 0
-                self._shard_pos += 1
-                self._slot_pos = 0
-        self._rows -= got
-        return got
+    def drain_copy(self, limit):
+        """Removes up to limit (>= 1) rows, in key order, and returns them as the
+        tuples of PostgreSQL's binary COPY format; b"" once empty.
 
-    cdef void _keep(self, Entry **batch, Py_ssize_t got) noexcept:
-        """Puts rows taken by a failed drain() back, to be handed out first."""
-        cdef Entry **merged
-        cdef Py_ssize_t i
-        if self._spill == NULL:
-            self._spill = batch
-            self._nspill = got
-        else:
-            merged = <Entry **>realloc(self._spill, <size_t>(self._nspill + got) * sizeof(Entry *))
-            if merged == NULL:
-                # Out of memory twice over: nothing left to hold these rows in.
+        The bytes hold no file header or trailer. Each tuple has 11 fields:
+        the bucket (bigint), the four dimensions (text as UTF-8; an empty one
+        is empty, never NULL), the six counts (bigint), in COLUMNS order.
+        drain() and drain_copy() take from the same rows. Drained rows free
+        their memory.
+        """
+        cdef int64_t limit_ = as_int64(limit)
+        if limit_ < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        cdef bytes out
+        cdef Entry **batch
+        cdef Py_ssize_t got, i, size
+        cdef unsigned char *p
+        self._acquire()
+        try:
+            self._gather()
+            got = <Py_ssize_t>min(limit_, self._rows)
+            if got == 0:
+                return b""
+            batch = self._sorted + self._pos
+            with nogil:
+                size = copy_size(batch, got)
+            out = PyBytes_FromStringAndSize(NULL, size)
+            # Nothing else can see out before it is returned: it is filled
+            # without the GIL.
+            p = <unsigned char *>PyBytes_AS_STRING(out)
+            with nogil:
                 for i in range(got):
+                    p = copy_tuple(p, batch[i])
                     free(batch[i])
-                free(batch)
-                return
-            memcpy(merged + self._nspill, batch, <size_t>got * sizeof(Entry *))
-            free(batch)
-            self._spill = merged
-            self._nspill += got
-        self._rows += got
+            self._pos += got
+            self._rows -= got
+        finally:
+            PyThread_release_lock(self._lock)
+        return out
+
+    cdef int _acquire(self) except -1:
+        """Takes the window's lock, waiting for it without the GIL: another
+        thread may hold it through a sort or a copy that runs without the GIL."""
+        if self._lock == NULL:
+            raise RuntimeError("Window objects are made by Counters.swap()")
+        if not PyThread_acquire_lock(self._lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self._lock, WAIT_LOCK)
+        return 0
+
+    cdef int _gather(self) except -1:
+        """Moves the rows out of the shard tables into one array in key order,
+        and sums them up; once, before the first row is drained. Called with
+        the lock held."""
+        if self._shards == NULL:
+            return 0
+        cdef Entry **rows = NULL
+        if self._rows > 0:
+            rows = <Entry **>malloc(<size_t>self._rows * sizeof(Entry *))
+            if rows == NULL:
+                raise MemoryError()
+        with nogil:
+            shards_gather(self._shards, self._nshards, rows, self._totals_lo, self._totals_hi)
+            self._shards = NULL
+            if rows != NULL:
+                qsort(rows, <size_t>self._rows, sizeof(Entry *), entry_cmp)
+        self._sorted = rows
+        return 0

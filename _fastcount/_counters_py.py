@@ -3,14 +3,18 @@
 Used where the extension is not built (FASTCOUNT_NO_EXTENSIONS, or no
 compiler) and by the tests, which run every case against both. One dict per
 window: the shards of the compiled engine exist to keep its table resizes short
-and are not observable, so here `shards` is only validated.
+and are not observable, so here `shards` is only validated. A Window sorts its
+keys as tuples: str compare by code point, the same order as the compiled
+engine's comparison of UTF-8 bytes.
 """
 
 from __future__ import annotations
 
 import operator
+import struct
 import threading
-from typing import Final, NoReturn, SupportsIndex, final
+from collections.abc import Callable
+from typing import Final, NoReturn, SupportsIndex, TypeVar, final
 
 __all__ = (
     "CLICKS",
@@ -49,6 +53,17 @@ _MAX_DIMENSION_BYTES: Final = 2**32 - 1
 
 _Key = tuple[int, str, str, str, str]
 _Row = tuple[int, str, str, str, str, int, int, int, int, int, int]
+_Totals = tuple[int, int, int, int, int, int]
+_T = TypeVar("_T")
+
+# PostgreSQL's binary COPY tuple, big-endian: the field count, then each field
+# as an int32 length and its bytes. A dimension's length is packed unsigned, as
+# the compiled engine writes its uint32 lengths: the same bytes for any length
+# (PostgreSQL refuses text over 1 GB either way).
+_COPY_FIELDS: Final = 1 + 4 + _NFIELDS  # bucket, the four dimensions, the counts
+_COPY_BUCKET: Final = struct.Struct(">hiq")  # field count, length 8, bucket
+_COPY_LENGTH: Final = struct.Struct(">I")
+_COPY_COUNTS: Final = struct.Struct(">" + "iq" * _NFIELDS)  # length 8, count; per field
 
 
 def _int64(value: SupportsIndex) -> int:
@@ -208,15 +223,20 @@ class Counters:
 class Window:
     """The counts of a window swapped out of a Counters, drained in batches.
 
-    A Window shares nothing with its Counters: drain it from any thread.
+    A Window shares nothing with its Counters: drain it from any thread. Rows
+    come out in key order: ascending bucket, then campaign, creative,
+    affiliate and sub_id compared as UTF-8 bytes, which is PostgreSQL's order
+    for the primary key with COLLATE "C". The first drain (or totals) sorts
+    the whole window.
     """
 
-    __slots__ = ("_lock", "_order", "_overflowed", "_rows")
+    __slots__ = ("_lock", "_order", "_overflowed", "_rows", "_totals")
 
     _rows: dict[_Key, list[int]]
     _overflowed: int
     _lock: threading.Lock
-    _order: list[_Key] | None  # keys not yet drained, taken from the end
+    _order: list[_Key]  # keys not yet drained, descending (taken from the end), once gathered
+    _totals: _Totals | None  # None until gathered
 
     def __init_subclass__(cls, **kwargs: object) -> NoReturn:
         # As the compiled classes (cython.final) do.
@@ -231,7 +251,8 @@ class Window:
         window._rows = rows
         window._overflowed = overflowed
         window._lock = threading.Lock()
-        window._order = None
+        window._order = []
+        window._totals = None
         return window
 
     def __len__(self) -> int:
@@ -241,36 +262,101 @@ class Window:
     def overflowed(self) -> int:
         return self._overflowed
 
+    @property
+    def totals(self) -> _Totals:
+        """Per-field sums, in COLUMNS order, over every row the window was
+        swapped out with, drained or not. Exact: a sum may pass int64."""
+        with self._lock:
+            return self._gather()
+
     def drain(self, limit: int) -> list[_Row]:
-        """Removes and returns up to limit (>= 1) rows; [] once empty.
+        """Removes and returns up to limit (>= 1) rows, in key order; [] once empty.
 
         A row is (bucket, campaign, creative, affiliate, sub_id, impressions,
-        givt_impressions, measurable, viewable, clicks, givt_clicks), in no
-        particular order. Drained rows free their memory.
+        givt_impressions, measurable, viewable, clicks, givt_clicks). Drained
+        rows free their memory.
         """
+        return self._drain(limit, _rows_of)
+
+    def drain_copy(self, limit: int) -> bytes:
+        """Removes up to limit (>= 1) rows, in key order, and returns them as the
+        tuples of PostgreSQL's binary COPY format; b"" once empty.
+
+        The bytes hold no file header or trailer. Each tuple has 11 fields:
+        the bucket (bigint), the four dimensions (text as UTF-8; an empty one
+        is empty, never NULL), the six counts (bigint), in COLUMNS order.
+        drain() and drain_copy() take from the same rows. Drained rows free
+        their memory.
+        """
+        return self._drain(limit, _copy_of)
+
+    # As in the compiled engine: drains from several threads get disjoint rows
+    # (the lock), and a MemoryError loses none. Every step that allocates comes
+    # before the first one that removes anything (_remove); removing from a
+    # list's tail or from a dict allocates nothing.
+
+    def _drain(self, limit: int, build: Callable[[list[_Key], dict[_Key, list[int]]], _T]) -> _T:
+        """Builds the next rows, up to limit, with ``build``; then removes them."""
         limit_ = _int64(limit)
         if limit_ < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        # As in the compiled engine: drains from several threads get disjoint
-        # rows, and a MemoryError loses none. Every step that allocates comes
-        # before the first one that removes anything; removing from a list's
-        # tail or from a dict allocates nothing.
         with self._lock:
+            keys = self._next_keys(limit_)
+            built = build(keys, self._rows)
+            self._remove(keys)
+            return built
+
+    def _gather(self) -> _Totals:
+        """Sorts the keys into _order and sums the rows up; once, before the
+        first row is drained. Called with the lock held."""
+        if self._totals is None:
             rows = self._rows
-            if self._order is None:
-                self._order = list(rows)
-            order = self._order
-            cut = max(len(order) - limit_, 0)
-            keys = order[cut:]
-            drained: list[_Row] = []
-            for key in keys:
-                bucket, campaign, creative, affiliate, sub_id = key
-                a, b, c, d, e, f = rows[key]
-                drained.append((bucket, campaign, creative, affiliate, sub_id, a, b, c, d, e, f))
-            removed = iter(keys)
-            del order[cut:]
-            for key in removed:
-                del rows[key]
-            if not rows:
-                rows.clear()  # gives the table back
-            return drained
+            a, b, c, d, e, f = [
+                sum(map(operator.itemgetter(field), rows.values())) for field in range(_NFIELDS)
+            ]
+            totals = (a, b, c, d, e, f)
+            self._order = sorted(rows, reverse=True)
+            self._totals = totals
+        return self._totals
+
+    def _next_keys(self, limit: int) -> list[_Key]:
+        """The next keys in key order, up to limit; still in the window."""
+        self._gather()
+        order = self._order
+        keys = order[max(len(order) - limit, 0) :]
+        keys.reverse()
+        return keys
+
+    def _remove(self, keys: list[_Key]) -> None:
+        """Removes the keys _next_keys() gave, once their rows are built."""
+        order = self._order
+        rows = self._rows
+        removed = iter(keys)  # an allocation too: made before the first removal
+        del order[len(order) - len(keys) :]
+        for key in removed:
+            del rows[key]
+        if not rows:
+            rows.clear()  # gives the table back
+
+
+def _rows_of(keys: list[_Key], rows: dict[_Key, list[int]]) -> list[_Row]:
+    drained: list[_Row] = []
+    for key in keys:
+        bucket, campaign, creative, affiliate, sub_id = key
+        a, b, c, d, e, f = rows[key]
+        drained.append((bucket, campaign, creative, affiliate, sub_id, a, b, c, d, e, f))
+    return drained
+
+
+def _copy_of(keys: list[_Key], rows: dict[_Key, list[int]]) -> bytes:
+    parts: list[bytes] = []
+    for key in keys:
+        bucket, *dimensions = key
+        parts.append(_COPY_BUCKET.pack(_COPY_FIELDS, 8, bucket))
+        for dimension in dimensions:
+            encoded = dimension.encode()
+            parts.append(_COPY_LENGTH.pack(len(encoded)))
+            parts.append(encoded)
+        a, b, c, d, e, f = rows[key]
+        parts.append(_COPY_COUNTS.pack(8, a, 8, b, 8, c, 8, d, 8, e, 8, f))
+    return b"".join(parts)

@@ -9,6 +9,10 @@ a browser User-Agent). The servers take turns, round after round (A B C A B C ..
 machine slows them alike, and the table shows the median of the rounds: requests/s, p50 and
 p99 latency, and the ratios to nginx and to the minimal aiohttp app. pixel-server runs as in
 production: counting, flushing every second into a PostgreSQL cluster of its own.
+
+Then it runs the flush figures (``loadtests.bench_flush``: event-loop stall, a million keys
+flushed, memory per key) and the counter engine's (``loadtests.bench_counters``), printing
+theirs too; ``--json`` holds all of them.
 """
 
 from __future__ import annotations
@@ -122,6 +126,20 @@ def started(command: list[str], url: str, log: Path, cores: str) -> Iterator[str
             process.wait(30)
 
 
+def engine_figures() -> dict[str, object]:
+    """Runs the flush and counter benchmarks, each in a process of its own (memory per key is
+    measured on a fresh heap); their output goes straight through. Returns their figures."""
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="pixel-bench-") as name:
+        for label, module in (("flush", "bench_flush"), ("counters", "bench_counters")):
+            print(f"\n== python -m loadtests.{module}", flush=True)
+            path = Path(name) / f"{label}.json"
+            command = [sys.executable, "-m", f"loadtests.{module}", "--json", str(path)]
+            subprocess.run(command, check=True)
+            figures[label] = orjson.loads(path.read_bytes())
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -129,6 +147,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1], help="pixel-server worker counts to run"
+    )
+    parser.add_argument(
+        "--http-only", action="store_true", help="skip the flush and counter engine figures"
     )
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset"):
@@ -207,6 +228,7 @@ def main() -> int:
             f"{run.requests_per_second / nginx.requests_per_second:>9.2f}x"
             f"{run.requests_per_second / minimal.requests_per_second:>11.2f}x"
         )
+    figures = {} if args.http_only else engine_figures()
     if args.json:
         args.json.write_bytes(
             orjson.dumps(
@@ -215,6 +237,7 @@ def main() -> int:
                     "runs": {k: [dataclasses.asdict(r) for r in v] for k, v in results.items()},
                     "rounds": args.rounds,
                     "seconds": args.seconds,
+                    **figures,
                 },
                 option=orjson.OPT_INDENT_2,
             )

@@ -37,6 +37,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import orjson
+
 from _fastcount import _counters_py
 
 Spec = tuple[int, int, int, int, int]  # bucket, campaign, creative, affiliate, sub id numbers
@@ -249,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (default 5)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
 
     try:
@@ -276,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "shared strings": lambda: ops_shared(shared_keys, stream),
         "fresh strings": lambda: ops_fresh(specs, stream),
     }
+    report: dict[str, float] = {}
     for mode, make_ops in modes.items():
         print(f"\nSpeed, {mode}:")
         loop = statistics.median(timed(run_loop_only, make_ops)[0] for _ in range(args.repeat))
@@ -294,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             ns = elapsed / increments * 1e9
             net = (elapsed - loop) / increments * 1e9
             net_base = (base - loop) / increments * 1e9
+            report[f"{name}, {mode}: increments/s"] = increments / elapsed
+            report[f"{name}, {mode}: net vs dict"] = net_base / net
             print(
                 f"  {name:<20} {increments / elapsed:14,.0f} {ns:8.1f} {net:7.1f}"
                 f" {base / elapsed:7.2f}x {net_base / net:11.2f}x"
@@ -325,10 +331,13 @@ def main(argv: list[str] | None = None) -> int:
             for base in ("dict, own key strings", "dict, shared strings")
         )
         print(f"  {name:<24} {per_key:7.1f} B/key   {ratios}")
+        report[f"{name}: bytes/key"] = per_key
     print(
         "  ('own key strings': the dict keeps the str objects of the first hit on each key,"
         " as the server's would; 'shared': they live elsewhere and are not counted.)"
     )
+    if args.json:
+        args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     return 0
 
 

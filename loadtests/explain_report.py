@@ -29,8 +29,9 @@ from typing import Any
 
 import asyncpg
 
+from _fastcount import IMPRESSIONS, MEASURABLE, VIEWABLE, Counters
 from server import dashboard, storage
-from server.batch import Batch, Row
+from server.batch import seal_window
 from server.embedded import EmbeddedPostgres
 from server.report import Query
 
@@ -111,24 +112,14 @@ async def flush_cost(dsn: str, end: datetime) -> None:
         seconds = []
         for minute in range(FLUSH_BATCHES):
             bucket = int((end + timedelta(minutes=minute)).timestamp())
-            rows: list[Row] = [
-                (
-                    bucket,
-                    f"c{k % 40}",
-                    f"cr{k % 1000}",
-                    f"a{k % 200}",
-                    f"s{k % 5}",
-                    1,
-                    0,
-                    1,
-                    1,
-                    0,
-                    0,
-                )
-                for k in range(FLUSH_ROWS)
-            ]
+            counters = Counters(max_keys=FLUSH_ROWS)
+            for k in range(FLUSH_ROWS):
+                key = (bucket, f"c{k % 40}", f"cr{k % 1000}", f"a{k % 200}", f"s{k}")
+                for field in (IMPRESSIONS, MEASURABLE, VIEWABLE):
+                    counters.add(*key, field)
+            (batch,), _ = seal_window(counters.swap())
             began = time.perf_counter()
-            await storage.apply(connection, Batch(uuid.uuid4(), rows))
+            await storage.apply(connection, batch)
             seconds.append(time.perf_counter() - began)
     finally:
         await connection.close()

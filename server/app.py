@@ -39,6 +39,7 @@ def make_app(config: Config, dsn: str) -> web.Application:
         config.flush_interval,
         spool,
         config.max_pending_batches,
+        config.flush_connections,
     )
     gauge = app[METRICS].gauge
     gauge("pixel_keys", "Distinct keys counted in the current window", lambda: len(app[COUNTERS]))

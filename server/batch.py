@@ -1,88 +1,101 @@
-"""Sealed flush batches: the rows of one swapped-out counter window, with a stable id.
+"""Sealed flush batches: rows of one swapped-out counter window, with a stable id.
 
 The id is written to the ``flush_batches`` ledger in the same transaction as the counts, so a
 batch retried after an ambiguous failure, or replayed from the spool, is applied once.
+
+A batch holds its rows as the counter engine encodes them: PostgreSQL binary COPY tuples in
+key order, ready to stream into the staging table. No Python object is made per row, so
+sealing a window of a million keys costs the event loop next to nothing: the engine sorts and
+encodes in a worker thread, without the GIL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import dataclasses
-import gc
+import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from _fastcount import Window
 
-Row = tuple[int, str, str, str, str, int, int, int, int, int, int]
-# Where a row's counter fields start, after the bucket and the four dimensions.
-FIELDS_START = 5
+# Rows per batch, at most. A bigger window makes several batches, which the flusher merges
+# over several connections at once; each is a transaction of its own, short enough that a
+# retry repeats little.
+BATCH_ROWS = 100_000
 
-# Rows drained per step while sealing; between steps the event loop answers pixels. With
-# 2,000 the longest stall while flushing 200,000 keys fell from 30 to 23 ms (bench_flush.py).
-DRAIN_CHUNK = 2_000
+# PostgreSQL's binary COPY file: a signature, flags and header extension length, the tuples,
+# then a field count of -1.
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+COPY_TRAILER = struct.pack(">h", -1)
 
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
     batch_id: uuid.UUID
-    rows: list[Row]
+    rows: int
+    tuples: bytes  # the rows as binary COPY tuples, in key order
 
     def to_bytes(self, **extra: Any) -> bytes:
-        """The batch as JSON: ``{"batch_id": ..., "rows": [[bucket, campaign, ...], ...]}``."""
-        return orjson.dumps({"batch_id": str(self.batch_id), "rows": self.rows, **extra})
+        """The batch as a spool file: one JSON line (``{"batch_id": ..., "rows": ...}`` and
+        any ``extra``), then the rows as a complete binary COPY file, which psql's ``\\copy``
+        loads into ``pixel_staging`` as it is."""
+        head = orjson.dumps({"batch_id": str(self.batch_id), "rows": self.rows, **extra})
+        return b"".join((head, b"\n", COPY_HEADER, self.tuples, COPY_TRAILER))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Batch:
-        document = orjson.loads(data)
-        return cls(uuid.UUID(document["batch_id"]), [tuple(row) for row in document["rows"]])
+        """Reads :meth:`to_bytes`; a ValueError for anything else, a cut-off file included."""
+        head, newline, copy = data.partition(b"\n")
+        if not newline or not copy.startswith(COPY_HEADER) or not copy.endswith(COPY_TRAILER):
+            raise ValueError("not a spooled batch: a JSON line, then a binary COPY file")
+        document = orjson.loads(head)
+        if not isinstance(document, dict):
+            raise ValueError("not a spooled batch: the first line is not a JSON object")
+        rows = document.get("rows")
+        if type(rows) is not int or rows < 1:
+            raise ValueError(f"not a spooled batch: rows is {rows!r}")
+        tuples = copy[len(COPY_HEADER) : len(copy) - len(COPY_TRAILER)]
+        return cls(uuid.UUID(str(document.get("batch_id"))), rows, tuples)
 
 
-async def seal(window: Window, rows: list[Row], totals: list[int]) -> None:
-    """Drains a swapped-out window into ``rows`` in chunks, yielding to the event loop between
-    them, and adds each counter field's sum to ``totals`` (the events metric). If cancelled,
-    it drains the rest at once before it stops, so no row is lost."""
-    try:
-        while chunk := window.drain(DRAIN_CHUNK):
-            _take(chunk, rows, totals)
-            await asyncio.sleep(0)
-    finally:
-        while chunk := window.drain(DRAIN_CHUNK):
-            _take(chunk, rows, totals)
+def seal_window(window: Window) -> tuple[list[Batch], tuple[int, ...]]:
+    """Drains a swapped-out window into batches of up to :data:`BATCH_ROWS` rows; returns
+    them with the window's per-field totals. Blocking: the engine sorts and encodes without
+    the GIL, so call it from a worker thread."""
+    totals = window.totals
+    batches = []
+    while left := len(window):
+        tuples = window.drain_copy(BATCH_ROWS)
+        batches.append(Batch(uuid.uuid4(), left - len(window), tuples))
+    return batches, totals
 
 
-def _take(chunk: list[Row], rows: list[Row], totals: list[int]) -> None:
-    rows.extend(chunk)
-    # Column by column, in C: 1.4 ms for a chunk of 10,000 rows (timeit, this machine).
-    for field, column in enumerate(list(zip(*chunk, strict=True))[FIELDS_START:]):
-        totals[field] += sum(column)
+async def seal(window: Window, add: Callable[[Batch], object], events: list[int]) -> None:
+    """Seals a window off the event loop, passes each batch to ``add`` and adds the window's
+    per-field totals to ``events``. If cancelled, it waits for the sealing thread, or drains
+    the window itself, before it stops: no row is lost."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="seal") as executor:
+        sealing = executor.submit(seal_window, window)
+        try:
+            batches, totals = await asyncio.wrap_future(sealing)
+        except asyncio.CancelledError:
+            # The thread could not be stopped (it ran on) or never started (the window is
+            # still whole); either way every row ends up in a batch.
+            batches, totals = seal_window(window) if sealing.cancelled() else sealing.result()
+            _hand_over(batches, totals, add, events)
+            raise
+    _hand_over(batches, totals, add, events)
 
 
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Holds the cyclic garbage collector off while a batch is sealed and applied.
-
-    A window's rows are plain tuples of str and int, which never form cycles, but while they
-    are young every collection walks all of them: sealing 200,000 keys, a 2,000-row step took
-    1.4 ms without collections and up to 20 ms with them (timed on this machine). The rows are
-    released in steps before the collector resumes, so it never meets them.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-async def release(rows: list[Row]) -> None:
-    """Frees the rows of an applied batch in steps, yielding to the event loop between them
-    (dropping 200,000 rows at once took 15 ms, timed on this machine)."""
-    while rows:
-        del rows[-DRAIN_CHUNK:]
-        await asyncio.sleep(0)
+def _hand_over(
+    batches: list[Batch], totals: tuple[int, ...], add: Callable[[Batch], object], events: list[int]
+) -> None:
+    for batch in batches:
+        add(batch)
+    for field, total in enumerate(totals):
+        events[field] += total

@@ -101,6 +101,12 @@ class Config:
         1, _positive_int, "processes sharing the pixel port (SO_REUSEPORT); each counts and flushes"
     )
     flush_interval: float = _setting(1.0, _positive_float, "seconds between flushes to PostgreSQL")
+    flush_connections: int = _setting(
+        2,
+        _positive_int,
+        "connections each process merges batches over at once (a window of more than 100,000"
+        " keys is several batches)",
+    )
     bucket_seconds: int = _setting(60, _positive_int, "width of a time bucket in seconds")
     max_keys: int = _setting(
         1_000_000,

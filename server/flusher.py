@@ -1,10 +1,12 @@
-"""The flusher: every ``--flush-interval`` it swaps the counters out, seals the window into a
-batch and merges the pending batches into PostgreSQL, oldest first.
+"""The flusher: every ``--flush-interval`` it swaps the counters out, seals the window into
+batches and merges the pending batches into PostgreSQL, over ``--flush-connections``
+connections at once.
 
-Counting never waits for it: the swap is O(1), sealing yields to the event loop between chunks,
-and spool files are written and read in a thread. While the database is unreachable, batches
-go to the disk spool and are retried with capped exponential backoff and full jitter; a batch
-PostgreSQL rejects for good is dead-lettered, so it never blocks the batches behind it.
+Counting never waits for it: the swap is O(1), the counter engine sorts and encodes a window in
+a worker thread without the GIL, and spool files are written and read in a thread. While the
+database is unreachable, batches go to the disk spool and are retried with capped exponential
+backoff and full jitter; a batch PostgreSQL rejects for good is dead-lettered, so it never
+blocks the batches behind it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import dataclasses
 import logging
 import random
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import asyncpg
 
 from _fastcount import Counters
 from server import storage
-from server.batch import Batch, collector_paused, release, seal
+from server.batch import Batch, seal
 from server.dsn import redact
 from server.metrics import Metrics
 from server.spool import Spool
@@ -68,9 +70,11 @@ class Flusher:
         interval: float,
         spool: Spool,
         max_in_memory: int,
+        connections: int,
     ) -> None:
         """``max_in_memory`` caps the batches held in memory while the spool cannot take them
-        (over budget, disk failing); beyond it the oldest is dropped, counted and logged."""
+        (over budget, disk failing); beyond it the oldest is dropped, counted and logged.
+        ``connections`` batches are merged at once, each over a connection of its own."""
         self._counters = counters
         self._max_in_memory = max_in_memory
         self._dsn = dsn
@@ -78,7 +82,8 @@ class Flusher:
         self._interval = interval
         self._spool = spool
         self._pending = collections.deque(Pending(None, path) for path in spool.paths())
-        self._connection: Any = None
+        self._connections: list[Any] = []
+        self._connection_count = connections
         self._failures = 0
         self._retry_at = 0.0
         self._stopping = asyncio.Event()
@@ -90,7 +95,7 @@ class Flusher:
     @property
     def ready(self) -> bool:
         """True while the database takes every batch and the spool is within its budget."""
-        return self._connection is not None and self._failures == 0 and not self._spool.over_budget
+        return bool(self._connections) and self._failures == 0 and not self._spool.over_budget
 
     @property
     def pending_batches(self) -> int:
@@ -110,10 +115,9 @@ class Flusher:
     async def flush(self) -> None:
         """Seals the current window, applies what is pending unless in backoff, and spools
         what the database did not take."""
-        with collector_paused():
-            await self._seal()
-            if asyncio.get_running_loop().time() >= self._retry_at:
-                await self._apply_pending(CONNECT_TIMEOUT)
+        await self._seal()
+        if asyncio.get_running_loop().time() >= self._retry_at:
+            await self._apply_pending(CONNECT_TIMEOUT)
         if self._failures:
             await self._spool_in_memory()
 
@@ -139,12 +143,12 @@ class Flusher:
                 len(self._pending),
                 self._spool.directory,
             )
-        if self._connection is not None:
+        connections, self._connections = self._connections, []
+        for connection in connections:
             try:
-                await self._connection.close(timeout=CONNECT_TIMEOUT)
+                await connection.close(timeout=CONNECT_TIMEOUT)
             except _RETRYABLE:
-                self._connection.terminate()
-            self._connection = None
+                connection.terminate()
 
     async def _seal(self) -> None:
         window = self._counters.swap()
@@ -156,19 +160,29 @@ class Flusher:
                 window.overflowed,
             )
         if len(window):
-            # Pending before it is filled: a cancelled seal still leaves every row in it.
-            batch = Batch(uuid.uuid4(), [])
-            self._pending.append(Pending(batch))
-            await seal(window, batch.rows, self._metrics.events)
+            await seal(
+                window, lambda batch: self._pending.append(Pending(batch)), self._metrics.events
+            )
 
     async def _apply_pending(self, connect_timeout: float) -> None:
         try:
-            if self._connection is None:
-                self._connection = await storage.connect(self._dsn, connect_timeout)
+            if len(self._connections) < self._connection_count:
+                while len(self._connections) < self._connection_count:
+                    self._connections.append(await storage.connect(self._dsn, connect_timeout))
                 log.info("connected to %s", redact(self._dsn))
-            while self._pending:
-                await self._apply(self._pending[0])
-                self._pending.popleft()
+            # Each connection takes the oldest batch no other has taken, until none is left;
+            # one that fails stops, and the others finish what is left.
+            waiting = iter(list(self._pending))
+            errors = [
+                error
+                for error in await asyncio.gather(
+                    *(self._apply_each(connection, waiting) for connection in self._connections),
+                    return_exceptions=True,
+                )
+                if error is not None
+            ]
+            if errors:
+                raise errors[0]
         except _RETRYABLE as error:
             self._failed(error)
             return
@@ -185,7 +199,12 @@ class Flusher:
         self._retry_at = 0.0
         self.problem = ""
 
-    async def _apply(self, item: Pending) -> None:
+    async def _apply_each(self, connection: Any, waiting: Iterator[Pending]) -> None:
+        for item in waiting:
+            await self._apply(connection, item)
+            self._pending.remove(item)
+
+    async def _apply(self, connection: Any, item: Pending) -> None:
         """Applies one pending batch, or dead-letters it; raises what is worth a retry."""
         batch = item.batch
         if batch is None:
@@ -201,7 +220,7 @@ class Flusher:
                 return
         started = time.perf_counter()
         try:
-            applied = await storage.apply(self._connection, batch)
+            applied = await storage.apply(connection, batch)
         except (asyncpg.PostgresError, ValueError) as error:
             if not is_permanent(error):
                 raise
@@ -212,7 +231,7 @@ class Flusher:
             log.error(
                 "PostgreSQL rejected batch %s (%d rows): %s: %s; dead-lettered to %s",
                 batch.batch_id,
-                len(batch.rows),
+                batch.rows,
                 type(error).__name__,
                 error,
                 target,
@@ -222,10 +241,9 @@ class Flusher:
         if item.path is not None:
             await asyncio.to_thread(self._spool.remove, item.path)
         if applied:
-            self._metrics.flushed(len(batch.rows), seconds)
+            self._metrics.flushed(batch.rows, seconds)
         else:
             log.warning("batch %s was already applied; skipped", batch.batch_id)
-        await release(batch.rows)
 
     async def _spool_in_memory(self) -> None:
         """Writes the batches held in memory to the spool, while it has room."""
@@ -256,7 +274,7 @@ class Flusher:
             self._drop([item.batch for item in oldest if item.batch], "memory cap reached")
 
     def _drop(self, batches: list[Batch], why: str) -> None:
-        rows = sum(len(batch.rows) for batch in batches)
+        rows = sum(batch.rows for batch in batches)
         self._metrics.dropped += rows
         log.error(
             "%s: %d batches (%d rows) could neither be written to %s nor spooled; dropped",
@@ -269,9 +287,9 @@ class Flusher:
     def _failed(self, error: BaseException) -> None:
         self._metrics.flush_failures += 1
         self._failures += 1
-        if self._connection is not None:
-            self._connection.terminate()
-            self._connection = None
+        connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.terminate()
         delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**self._failures))
         self._retry_at = asyncio.get_running_loop().time() + delay
         self.problem = f"database {redact(self._dsn)} unreachable: {error}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,13 +11,17 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import asyncpg
 
-from _fastcount import COLUMNS
+from _fastcount import COLUMNS, Counters
 from loadtests.accounting import totals_by_key
 from loadtests.processes import PixelServer, free_port
+from server.batch import Batch, seal_window
 
 __all__ = [
     "DatabaseProxy",
     "PixelServer",
+    "batch_of",
+    "batch_rows",
+    "copy_rows",
     "fetch",
     "free_port",
     "insert_counts",
@@ -60,6 +65,51 @@ async def insert_counts(dsn: str, records: Sequence[tuple[Any, ...]]) -> None:
         await connection.copy_records_to_table("pixel_counts", records=records, columns=columns)
     finally:
         await connection.close()
+
+
+Row = tuple[int, str, str, str, str, int, int, int, int, int, int]
+
+
+def batch_of(*rows: Row) -> Batch:
+    """One sealed batch of these rows, as the flusher makes it (through the counter engine;
+    so keys that repeat are added up)."""
+    counters = Counters()
+    for bucket, campaign, creative, affiliate, sub_id, *counts in rows:
+        for field, n in enumerate(counts):
+            if n:
+                counters.add(bucket, campaign, creative, affiliate, sub_id, field, n)
+    (batch,), _ = seal_window(counters.swap())
+    return batch
+
+
+def copy_rows(data: bytes) -> list[Row]:
+    """Rows back from binary COPY tuples, by PostgreSQL's documented layout: a 16-bit field
+    count, then each field as a 32-bit length and its bytes (bigint: 8 bytes, big-endian)."""
+    rows: list[Row] = []
+    at = 0
+    while at < len(data):
+        (fields,) = struct.unpack_from(">h", data, at)
+        assert fields == 11
+        at += 2
+        values: list[bytes] = []
+        for _ in range(fields):
+            (length,) = struct.unpack_from(">i", data, at)
+            assert length >= 0  # never NULL
+            values.append(data[at + 4 : at + 4 + length])
+            at += 4 + length
+        bucket, campaign, creative, affiliate, sub_id, a, b, c, d, e, f = values
+        (when,) = struct.unpack(">q", bucket)
+        dims = (dim.decode() for dim in (campaign, creative, affiliate, sub_id))
+        counts = (struct.unpack(">q", value)[0] for value in (a, b, c, d, e, f))
+        rows.append((when, *dims, *counts))
+    return rows
+
+
+def batch_rows(batch: Batch) -> list[Row]:
+    """A batch's rows, decoded from its binary COPY tuples."""
+    rows = copy_rows(batch.tuples)
+    assert len(rows) == batch.rows
+    return rows
 
 
 async def fetch(dsn: str, query: str, *args: Any) -> list[Any]:

@@ -3,6 +3,8 @@
 import doctest
 import importlib
 import os
+import random
+import struct
 import subprocess
 import sys
 import threading
@@ -15,6 +17,7 @@ import pytest
 
 import _fastcount
 import _fastcount._counters_py
+from tests.harness import copy_rows
 
 Row = tuple[int, str, str, str, str, int, int, int, int, int, int]
 
@@ -63,6 +66,13 @@ def totals(rows: list[Row]) -> list[int]:
         for i, value in enumerate(r[5:]):
             sums[i] += value
     return sums
+
+
+def drain_copy_all(window: Any, limit: int = 1000) -> bytes:
+    chunks: list[bytes] = []
+    while chunk := window.drain_copy(limit):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # ------------------------------------------------------------------ dispatch
@@ -146,10 +156,15 @@ def test_buckets_are_part_of_the_key(counters_impl: ModuleType) -> None:
         for _ in range(i + 1):
             counters.add(bucket, "c", "cr", "a", "s", 0)
     assert len(counters) == len(buckets)
-    assert sorted(drain_all(counters.swap())) == sorted(
-        row(bucket, "c", "cr", "a", "s", counts=(i + 1, 0, 0, 0, 0, 0))
-        for i, bucket in enumerate(buckets)
-    )
+    assert drain_all(counters.swap()) == [
+        row(-(2**63), "c", "cr", "a", "s", counts=(7, 0, 0, 0, 0, 0)),
+        row(-60, "c", "cr", "a", "s", counts=(5, 0, 0, 0, 0, 0)),
+        row(0, "c", "cr", "a", "s", counts=(1, 0, 0, 0, 0, 0)),
+        row(60, "c", "cr", "a", "s", counts=(2, 0, 0, 0, 0, 0)),
+        row(B, "c", "cr", "a", "s", counts=(3, 0, 0, 0, 0, 0)),
+        row(B + 60, "c", "cr", "a", "s", counts=(4, 0, 0, 0, 0, 0)),
+        row(2**63 - 1, "c", "cr", "a", "s", counts=(6, 0, 0, 0, 0, 0)),
+    ]
 
 
 def test_unicode_empty_and_nul_dimensions(counters_impl: ModuleType) -> None:
@@ -166,8 +181,9 @@ def test_unicode_empty_and_nul_dimensions(counters_impl: ModuleType) -> None:
     for i, key in enumerate(keys):
         for _ in range(i + 1):
             counters.add(B, *key, counters_impl.CLICKS)
-    expected = [row(B, *key, counts=(0, 0, 0, 0, i + 1, 0)) for i, key in enumerate(keys)]
-    assert sorted(drain_all(counters.swap())) == sorted(expected)
+    # By UTF-8 bytes: "" < "a" < "a\x00b" < "e\u0301" < "é" (C3 A9) < "été" < "ÿ" (C3 BF).
+    expected = [row(B, *keys[i], counts=(0, 0, 0, 0, i + 1, 0)) for i in (1, 3, 2, 5, 6, 0, 4)]
+    assert drain_all(counters.swap()) == expected
 
 
 def test_keys_differing_only_by_field_boundaries(counters_impl: ModuleType) -> None:
@@ -186,9 +202,17 @@ def test_keys_differing_only_by_field_boundaries(counters_impl: ModuleType) -> N
     for i, key in enumerate(keys):
         counters.add(B, *key, 0, i + 1)
     assert len(counters) == len(keys)
-    assert sorted(drain_all(counters.swap())) == sorted(
-        row(B, *key, counts=(i + 1, 0, 0, 0, 0, 0)) for i, key in enumerate(keys)
-    )
+    assert drain_all(counters.swap()) == [
+        row(B, "", "", "", "abc", counts=(7, 0, 0, 0, 0, 0)),
+        row(B, "", "", "ab", "c", counts=(8, 0, 0, 0, 0, 0)),
+        row(B, "", "", "abc", "", counts=(6, 0, 0, 0, 0, 0)),
+        row(B, "", "a", "", "bc", counts=(9, 0, 0, 0, 0, 0)),
+        row(B, "", "abc", "", "", counts=(5, 0, 0, 0, 0, 0)),
+        row(B, "a", "b", "c", "", counts=(3, 0, 0, 0, 0, 0)),
+        row(B, "a", "bc", "", "", counts=(2, 0, 0, 0, 0, 0)),
+        row(B, "ab", "c", "", "", counts=(1, 0, 0, 0, 0, 0)),
+        row(B, "abc", "", "", "", counts=(4, 0, 0, 0, 0, 0)),
+    ]
 
 
 def test_counts_are_int64(counters_impl: ModuleType) -> None:
@@ -223,7 +247,7 @@ def test_swap_starts_an_empty_window(counters_impl: ModuleType) -> None:
     counters.add(B, "c", "cr", "a", "s", 0, 5)
     second = counters.swap()
     assert drain_all(second) == [row(B, "c", "cr", "a", "s", counts=(5, 0, 0, 0, 0, 0))]
-    assert sorted(drain_all(first)) == [
+    assert drain_all(first) == [
         row(B, "c", "cr", "a", "s"),
         row(B, "c", "cr", "a", "t"),
     ]
@@ -304,7 +328,9 @@ def test_chunked_drain(counters_impl: ModuleType) -> None:
     assert window.drain(7) == []
     assert window.drain(1) == []
     assert len(window) == 0
-    assert sorted(r[:5] for r in seen) == sorted(keys)  # each exactly once
+    # Each exactly once, in key order: "c0" < "c1" < "c10" < "c100" < "c101" ...
+    assert [r[:5] for r in seen] == sorted(keys)
+    assert [r[1] for r in seen[:5]] == ["c0", "c1", "c10", "c100", "c101"]
 
 
 def test_drain_one_bigger_than_the_window(counters_impl: ModuleType) -> None:
@@ -338,6 +364,8 @@ def test_drain_keeps_rows_through_memory_errors(counters_impl: ModuleType) -> No
         assert len(window) + len(drained) == 2_000
     assert failures > 0
     drained.extend(drain_all(window))
+    # Every row once, still in key order: a failed drain hands the same rows out again.
+    assert [r[1] for r in drained] == sorted(f"c{i}" for i in range(2_000))
     assert sorted(r[5] for r in drained) == list(range(1, 2_001))
 
 
@@ -352,6 +380,7 @@ def test_growth_past_many_resizes(counters_impl: ModuleType) -> None:
         assert len(counters) == n
         rows = drain_all(counters.swap(), 4096)
         assert len(rows) == n
+        assert [r[:5] for r in rows] == sorted(r[:5] for r in rows)
         for r in rows:
             i = int(r[2][2:])
             counts = [0] * 6
@@ -359,6 +388,220 @@ def test_growth_past_many_resizes(counters_impl: ModuleType) -> None:
             assert r == row(
                 B + i % 4, f"c{i % 10}", f"cr{i}", f"a{i % 1000}", "", counts=tuple(counts)
             )
+
+
+# ------------------------------------------------- key order, COPY, totals
+
+# PostgreSQL's order for the primary key with COLLATE "C": bucket as a signed
+# integer, then each dimension as UTF-8 bytes, a prefix first.
+KEYS_IN_ORDER = [
+    (-(2**63), "z", "", "", ""),
+    (-60, "a", "", "", ""),
+    (0, "", "", "", ""),
+    (0, "", "", "", "a"),
+    (0, "", "", "a", ""),
+    (0, "", "a", "", ""),
+    (0, "A", "", "", ""),  # "A" (41) < "a" (61)
+    (0, "a", "", "", ""),
+    (0, "a", "", "", "b"),
+    (0, "a", "b", "", ""),
+    (0, "a\x00", "", "", ""),
+    (0, "ab", "", "", ""),
+    (0, "b", "", "", ""),
+    (0, "z", "", "", ""),
+    (0, "é", "", "", ""),  # C3 A9, after "z" (7A)
+    (0, "é", "a", "", ""),
+    (0, "éa", "", "", ""),
+    (0, "\ue000", "", "", ""),  # EE 80 80: before U+1F600, unlike in UTF-16
+    (0, "😀", "", "", ""),  # F0 9F 98 80
+    (B, "a", "", "", ""),
+    (B + 60, "", "", "", ""),
+    (2**63 - 1, "", "", "", ""),
+]
+
+
+@pytest.mark.parametrize("shards", [1, 16])
+def test_drain_in_key_order(counters_impl: ModuleType, shards: int) -> None:
+    counters = counters_impl.Counters(shards=shards)
+    added = list(enumerate(KEYS_IN_ORDER))
+    random.Random(7).shuffle(added)
+    for i, key in added:
+        counters.add(*key, 0, i + 1)
+    window = counters.swap()
+    expected = [row(*key, counts=(i + 1, 0, 0, 0, 0, 0)) for i, key in enumerate(KEYS_IN_ORDER)]
+    assert drain_all(window, 3) == expected
+    counters = counters_impl.Counters(shards=shards)
+    for i, key in added:
+        counters.add(*key, 0, i + 1)
+    assert copy_rows(drain_copy_all(counters.swap(), 5)) == expected
+
+
+def copy_field(data: bytes) -> bytes:
+    return struct.pack(">i", len(data)) + data
+
+
+def copy_tuple(bucket: int, *dims: str, counts: tuple[int, ...]) -> bytes:
+    fields = [struct.pack(">q", bucket), *(d.encode() for d in dims)]
+    fields += [struct.pack(">q", count) for count in counts]
+    return struct.pack(">h", 11) + b"".join(copy_field(f) for f in fields)
+
+
+def test_drain_copy_bytes(counters_impl: ModuleType) -> None:
+    counters = counters_impl.Counters()
+    counters.add(B + 60, "c", "cr", "a", "s", counters_impl.IMPRESSIONS, 3)
+    counters.add(B, "é", "", "x", "", counters_impl.CLICKS, 2**63 - 1)
+    counters.add(B, "é", "", "x", "", counters_impl.GIVT_IMPRESSIONS)
+    counters.add(-1, "", "", "", "", counters_impl.VIEWABLE)
+    window = counters.swap()
+    int8_0 = b"\x00\x00\x00\x08" + b"\x00" * 8
+    first = (
+        b"\x00\x0b"  # 11 fields
+        + b"\x00\x00\x00\x08" + b"\xff" * 8  # bucket -1
+        + b"\x00\x00\x00\x00" * 4  # four empty texts: length 0, not NULL (-1)
+        + int8_0 * 3
+        + b"\x00\x00\x00\x08" + b"\x00" * 7 + b"\x01"  # viewable 1
+        + int8_0 * 2
+    )  # fmt: skip
+    assert first == copy_tuple(-1, "", "", "", "", counts=(0, 0, 0, 1, 0, 0))
+    second = copy_tuple(B, "é", "", "x", "", counts=(0, 1, 0, 0, 2**63 - 1, 0))
+    assert second[2:18] == b"\x00\x00\x00\x08" + B.to_bytes(8, "big") + b"\x00\x00\x00\x02"
+    assert second[18:20] == b"\xc3\xa9"
+    third = copy_tuple(B + 60, "c", "cr", "a", "s", counts=(3, 0, 0, 0, 0, 0))
+    assert window.drain_copy(2) == first + second
+    assert len(window) == 1
+    assert window.drain_copy(2) == third
+    assert window.drain_copy(2) == b""
+    assert len(window) == 0
+
+
+@pytest.mark.skipif(NO_EXTENSIONS, reason="FASTCOUNT_NO_EXTENSIONS is set")
+def test_drain_copy_same_bytes_from_both_engines() -> None:
+    c_module = importlib.import_module("_fastcount._counters_c")
+    py_module = _fastcount._counters_py
+    rng = random.Random(20240611)
+    buckets = [-(2**63), -60, 0, 60, B, B + 60, B + 120, 2**63 - 1]
+    words = ["", "", "a", "ab", "b", "A", "é", "été", "バナー", "😀", "\x00", "\ue000", "z" * 70]
+    adds = []
+    for _ in range(20_000):
+        dims = [rng.choice(words) + rng.choice(["", "", str(rng.randrange(60))]) for _ in range(4)]
+        adds.append((rng.choice(buckets), *dims, rng.randrange(6), rng.choice([1, 2, 2**40])))
+    windows = []
+    for module in (c_module, py_module):
+        counters = module.Counters(max_keys=5_000, shards=8)  # past it: overflow rows
+        for add in adds:
+            counters.add(*add)
+        assert counters.overflowed > 0
+        windows.append(counters.swap())
+    c_window, py_window = windows
+    assert c_window.totals == py_window.totals
+    limits = [rng.choice([1, 7, 100, 1_000]) for _ in range(200)]
+    c_copy = b"".join(c_window.drain_copy(limit) for limit in limits)
+    py_copy = b"".join(py_window.drain_copy(limit) for limit in limits)
+    assert len(c_window) == len(py_window) == 0
+    assert c_copy == py_copy
+    rows = copy_rows(c_copy)
+    assert [r[:5] for r in rows] == sorted({r[:5] for r in rows})  # in key order, each once
+    assert totals(rows) == list(c_window.totals)
+    assert sum(r[1] == c_module.OVERFLOW_CAMPAIGN for r in rows) > 1
+
+
+def test_drain_and_drain_copy_take_turns(counters_impl: ModuleType) -> None:
+    counters = counters_impl.Counters(shards=4)
+    for i in range(100):
+        counters.add(B + 60 * (i % 3), f"c{i:02d}", "cr", "é", "", i % 6, i + 1)
+    window = counters.swap()
+    expected = sorted(
+        row(
+            B + 60 * (i % 3),
+            f"c{i:02d}",
+            "cr",
+            "é",
+            "",
+            counts=tuple((i + 1) * (f == i % 6) for f in range(6)),
+        )
+        for i in range(100)
+    )
+    got: list[Row] = []
+    for step in range(40):
+        if step % 2:
+            got += copy_rows(window.drain_copy(3))
+        else:
+            got += window.drain(2)
+        assert len(window) == 100 - len(got)
+    got += copy_rows(window.drain_copy(10**9))
+    assert window.drain(1) == []
+    assert got == expected
+
+
+def test_totals(counters_impl: ModuleType) -> None:
+    counters = counters_impl.Counters()
+    big = 2**63 - 1
+    for i in range(5):
+        counters.add(B, f"c{i}", "", "", "", counters_impl.IMPRESSIONS, big)
+        counters.add(B, f"c{i}", "", "", "", counters_impl.GIVT_CLICKS, big - i)
+        counters.add(B + 60, f"c{i}", "", "", "", counters_impl.CLICKS, i + 1)
+    window = counters.swap()
+    expected = (5 * big, 0, 0, 0, 15, 5 * big - 10)
+    assert expected[0] > 2**64  # past int64, and past a uint64 too
+    assert window.totals == expected
+    assert all(type(total) is int for total in window.totals)
+    window.drain(3)
+    assert window.totals == expected  # drained or not
+    window.drain_copy(4)
+    assert window.totals == expected
+    assert drain_all(window)[-1] == row(B + 60, "c4", "", "", "", counts=(0, 0, 0, 0, 5, 0))
+    assert window.totals == expected
+    assert counters.swap().totals == (0, 0, 0, 0, 0, 0)
+
+
+def test_totals_first_then_drain(counters_impl: ModuleType) -> None:
+    counters = counters_impl.Counters(shards=2)
+    for i in range(3_000):
+        counters.add(B, f"c{i % 700}", "", "", "", i % 6, i + 1)
+    window = counters.swap()
+    expected = window.totals
+    rows = drain_all(window, 101)
+    assert list(expected) == totals(rows)
+    assert len(rows) == 700
+    assert [r[1] for r in rows] == sorted(f"c{i}" for i in range(700))
+
+
+@pytest.mark.parametrize("method", ["drain", "drain_copy"])
+def test_threads_drain_disjoint_rows(counters_impl: ModuleType, method: str) -> None:
+    counters = counters_impl.Counters(shards=8)
+    n = 30_000
+    for i in range(n):
+        counters.add(B + 60 * (i % 2), f"c{i % 11}", f"cr{i}", "é", "", i % 6, i + 1)
+    window = counters.swap()
+    start = threading.Barrier(4)
+    chunks: list[list[list[Row]]] = [[] for _ in range(4)]
+
+    def take() -> list[Row]:
+        if method == "drain":
+            return list(window.drain(97))
+        return copy_rows(window.drain_copy(97))
+
+    def drain(own: list[list[Row]]) -> None:
+        start.wait()
+        while chunk := take():
+            own.append(chunk)
+
+    threads = [threading.Thread(target=drain, args=(own,)) for own in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(window) == 0
+    everything = [r for own in chunks for chunk in own for r in chunk]
+    assert len(everything) == n
+    assert sorted(r[2] for r in everything) == sorted(f"cr{i}" for i in range(n))
+    for own in chunks:
+        for chunk in own:  # each batch is a run of the key order
+            assert [r[:5] for r in chunk] == sorted(r[:5] for r in chunk)
+    # The batches, put back in the order they were taken in, are the key order.
+    batches = sorted((chunk for own in chunks for chunk in own), key=lambda chunk: chunk[0][:5])
+    assert [r for chunk in batches for r in chunk] == sorted(everything)
 
 
 # ------------------------------------------------------------------ key cap
@@ -379,15 +622,13 @@ def test_key_cap_sends_new_keys_to_the_overflow_row(counters_impl: ModuleType) -
     window = counters.swap()
     assert (len(window), window.overflowed) == (5, 8)
     assert (len(counters), counters.overflowed) == (0, 0)
-    assert sorted(drain_all(window)) == sorted(
-        [
-            row(B, "c0", "", "", "", counts=(5, 0, 0, 0, 0, 0)),
-            row(B, "c1", "", "", ""),
-            row(B, "c2", "", "", ""),
-            row(B, overflow, "", "", "", counts=(0, 0, 0, 3, 0, 0)),
-            row(B + 60, overflow, "", "", "", counts=(0, 0, 0, 0, 5, 0)),
-        ]
-    )
+    assert drain_all(window) == [
+        row(B, overflow, "", "", "", counts=(0, 0, 0, 3, 0, 0)),  # "_" (5F) < "c" (63)
+        row(B, "c0", "", "", "", counts=(5, 0, 0, 0, 0, 0)),
+        row(B, "c1", "", "", ""),
+        row(B, "c2", "", "", ""),
+        row(B + 60, overflow, "", "", "", counts=(0, 0, 0, 0, 5, 0)),
+    ]
     assert window.overflowed == 8
     counters.add(B, "new1", "", "", "", 0)  # a fresh window has room again
     assert (len(counters), counters.overflowed) == (1, 0)
@@ -402,7 +643,7 @@ def test_key_cap_totals(counters_impl: ModuleType) -> None:
     overflowed = counters.overflowed
     window = counters.swap()
     rows = drain_all(window)
-    assert totals(rows) == added
+    assert totals(rows) == added == list(window.totals)
     overflow_rows = [r for r in rows if r[1] == counters_impl.OVERFLOW_CAMPAIGN]
     assert len(rows) - len(overflow_rows) == 100
     assert len(overflow_rows) == 2
@@ -506,14 +747,21 @@ def test_full_window_still_refuses_bad_arguments(counters_impl: ModuleType) -> N
     assert counters.overflowed == 0
 
 
-@pytest.mark.parametrize(("limit", "error"), [(0, ValueError), (-1, ValueError), (1.0, TypeError)])
-def test_drain_errors(counters_impl: ModuleType, limit: Any, error: type[Exception]) -> None:
+@pytest.mark.parametrize("method", ["drain", "drain_copy"])
+@pytest.mark.parametrize(
+    ("limit", "error"),
+    [(0, ValueError), (-1, ValueError), (1.0, TypeError), ("1", TypeError), (2**63, OverflowError)],
+)
+def test_drain_errors(
+    counters_impl: ModuleType, method: str, limit: Any, error: type[Exception]
+) -> None:
     counters = counters_impl.Counters()
     counters.add(B, "", "", "", "", 0)
     window = counters.swap()
     with pytest.raises(error):
-        window.drain(limit)
+        getattr(window, method)(limit)
     assert len(window) == 1
+    assert drain_all(window) == [row(B, "", "", "", "")]
 
 
 def test_windows_come_only_from_swap(counters_impl: ModuleType) -> None:
@@ -530,6 +778,8 @@ def test_read_only_and_final(counters_impl: ModuleType) -> None:
         counters.max_keys = 1
     with pytest.raises(AttributeError):
         window.overflowed = 1
+    with pytest.raises(AttributeError):
+        window.totals = (0, 0, 0, 0, 0, 0)
     with pytest.raises(AttributeError):
         counters.anything = 1
     for cls in (counters_impl.Counters, counters_impl.Window):
