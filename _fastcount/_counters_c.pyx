@@ -63,12 +63,45 @@ cdef extern from *:
         }
         return PyUnicode_AsUTF8AndSize(s, size);
     }
+    #if defined(__GNUC__)
+    #define fc_prefetch(p) __builtin_prefetch(p)
+    #else
+    #define fc_prefetch(p) ((void)0)
+    #endif
+    /* The slabs' memory comes straight from the OS, as CPython's own
+       small-object allocator gets its arenas. A block from glibc's malloc goes
+       back under the lock of the malloc arena it came from (the event loop
+       thread's), and shrinks the heap there and then: the flushing thread
+       freeing a 1,000,000-key window's slabs one after the other kept the
+       event loop's mallocs waiting 6-9 ms. munmap() takes no lock of malloc's. */
+    #ifdef _WIN32
+    #include <windows.h>
+    static void *fc_pages_new(size_t size) {
+        return VirtualAlloc(NULL, size, MEM_COMMIT | MEM_RESERVE, PAGE_READWRITE);
+    }
+    static void fc_pages_free(void *p, size_t size) {
+        (void)size;
+        VirtualFree(p, 0, MEM_RELEASE);
+    }
+    #else
+    #include <sys/mman.h>
+    static void *fc_pages_new(size_t size) {
+        void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        return p == MAP_FAILED ? NULL : p;
+    }
+    static void fc_pages_free(void *p, size_t size) {
+        munmap(p, size);
+    }
+    #endif
     """
     const uint64_t FC_P3
     uint64_t fc_round(uint64_t acc, uint64_t word) nogil
     uint64_t fc_finish(uint64_t h) nogil
     uint64_t fc_str_hash(object s)
     const char *fc_utf8(object s, Py_ssize_t *size) except NULL
+    void fc_prefetch(const void *p) nogil
+    void *fc_pages_new(size_t size) nogil
+    void fc_pages_free(void *p, size_t size) nogil
 
 
 IMPRESSIONS = 0
@@ -105,9 +138,55 @@ cdef enum:
     # typo cannot ask for a billion tables.
     MAX_SHARDS = 1 << 16
     INITIAL_SLOTS = 8  # per shard; a new window grows its tables as keys arrive
+    # Entries are bump-allocated in slabs of this size, thousands of keys to a
+    # slab. With a malloc'd block per key, the flushing thread freeing them
+    # filled glibc's fastbins, and the event loop's next malloc of 1 KiB or
+    # more consolidated them all, GIL held: 12-17 ms per 100,000 keys freed.
+    # The pages of a slab that no entry has reached take no memory.
+    SLAB_BYTES = 1024 * 1024
+    # An entry bigger than this that does not fit in the slab being filled
+    # gets a slab of its own: the tail a full slab leaves unused stays under
+    # 1/16 of it.
+    LARGE_ENTRY = SLAB_BYTES >> 4
 
 cdef str _OVERFLOW = OVERFLOW_CAMPAIGN
 cdef str _EMPTY = ""
+
+
+# -------------------------------------------------------------------- arenas
+
+cdef void *arena_alloc(Arena *arena, size_t size) noexcept nogil:
+    """size bytes, 8-byte aligned, that live as long as the arena; NULL when
+    out of memory (the arena is left as it was)."""
+    size = (size + 7) & ~<size_t>7
+    cdef char *p = arena.bump
+    if size <= arena.left:
+        arena.bump = p + size
+        arena.left -= size
+        return p
+    cdef size_t slab_size = sizeof(Slab) + size if size > LARGE_ENTRY else SLAB_BYTES
+    cdef Slab *slab = <Slab *>fc_pages_new(slab_size)
+    if slab == NULL:
+        return NULL
+    slab.next = arena.slabs
+    slab.size = slab_size
+    arena.slabs = slab
+    p = <char *>(slab + 1)
+    if size <= LARGE_ENTRY:  # the slab being filled from now on
+        arena.bump = p + size
+        arena.left = SLAB_BYTES - sizeof(Slab) - size
+    return p
+
+
+cdef void arena_free(Arena *arena) noexcept nogil:
+    """Frees every slab, and leaves the arena empty."""
+    cdef Slab *slab = arena.slabs
+    cdef Slab *next
+    while slab != NULL:
+        next = slab.next
+        fc_pages_free(slab, slab.size)
+        slab = next
+    memset(arena, 0, sizeof(Arena))
 
 
 # ---------------------------------------------------------------- keys, rows
@@ -161,12 +240,12 @@ cdef bint key_is_overflow(const Key *key) noexcept nogil:
     )
 
 
-cdef Entry *entry_new(const Key *key, uint64_t h) noexcept nogil:
+cdef Entry *entry_new(Arena *arena, const Key *key, uint64_t h) noexcept nogil:
     cdef size_t size = 0
     cdef int i
     for i in range(NDIMS):
         size += <size_t>key.lens[i]
-    cdef Entry *e = <Entry *>malloc(sizeof(Entry) + size)
+    cdef Entry *e = <Entry *>arena_alloc(arena, sizeof(Entry) + size)
     if e == NULL:
         return NULL
     e.hash = h
@@ -217,6 +296,200 @@ cdef int entry_cmp(const void *a, const void *b) noexcept nogil:
     return 0
 
 
+# ---------------------------------------------------------------------- sort
+
+# Sorting the Entry * with entry_cmp costs a cache miss or two per comparison,
+# and there are ~20 comparisons per entry at 1,000,000 entries: about a second.
+# Instead, each entry has a sort string whose byte order is entry_cmp's order:
+# the bucket as 8 bytes big-endian with its sign bit flipped, then each
+# dimension's UTF-8 bytes plus one (UTF-8 has no byte over 0xF4), each
+# dimension followed by a 0. The 0 puts a dimension before any longer one that
+# it begins, and comes before the next dimension's bytes: ("a", "") <
+# ("a\x00", "") and ("a", "bc") < ("ab", "c"). Records {8 bytes of the string,
+# Entry *} are sorted most significant chunk first: a counting sort on the
+# chunk, then on the next chunk within each run of equal ones, until the runs
+# are short enough for an insertion sort. An entry is read once per chunk that
+# its run needs; the sorting moves the 16-byte records only.
+
+cdef struct SortRecord:
+    uint64_t key  # the 8 bytes of the entry's sort string being sorted on
+    Entry *entry
+
+
+cdef enum:
+    # Runs shorter than this are insertion sorted: a counting sort clears
+    # 8 x 256 counters each time.
+    SMALL_RUN = 32
+    # How many times sort_run() may split a run and go on with the next
+    # 8 bytes in a call of its own; past that, qsort() with entry_cmp. Keeps the
+    # stack short whatever the keys.
+    MAX_LEVELS = 32
+    # Loops that visit entries out of memory order fetch the entry this many
+    # places ahead of the one they read: its cache misses overlap the others'.
+    PREFETCH = 16
+
+
+cdef inline uint64_t load_be64(const unsigned char *p) noexcept nogil:
+    return (
+        <uint64_t>p[0] << 56 | <uint64_t>p[1] << 48 | <uint64_t>p[2] << 40
+        | <uint64_t>p[3] << 32 | <uint64_t>p[4] << 24 | <uint64_t>p[5] << 16
+        | <uint64_t>p[6] << 8 | <uint64_t>p[7]
+    )
+
+
+cdef uint64_t sort_chunk(const Entry *e, size_t depth) noexcept nogil:
+    """Bytes 8 * depth to 8 * depth + 8 of e's sort string, big-endian;
+    zeros past its end."""
+    if depth == 0:
+        return <uint64_t>e.bucket ^ (<uint64_t>1 << 63)
+    cdef size_t off = (depth - 1) * 8  # from the start of the dimensions
+    cdef const unsigned char *p = <const unsigned char *>entry_data(<Entry *>e)
+    cdef unsigned char chunk[8]
+    cdef int taken = 0
+    cdef int i
+    cdef size_t n
+    memset(chunk, 0, 8)
+    for i in range(NDIMS):
+        n = e.lens[i]
+        if off > n:  # the dimension and its 0 come before the chunk
+            off -= n + 1
+        elif taken == 0 and n - off >= 8:  # all 8 bytes inside one dimension
+            return load_be64(p + off) + <uint64_t>0x0101010101010101
+        else:
+            while off < n and taken < 8:
+                chunk[taken] = p[off] + 1
+                off += 1
+                taken += 1
+            taken += 1  # the dimension's 0
+            if taken >= 8:
+                break
+            off = 0
+        p += n
+    return load_be64(chunk)
+
+
+cdef int record_cmp(const void *a, const void *b) noexcept nogil:
+    """qsort() comparator of two SortRecord: by key, then by entry_cmp."""
+    cdef const SortRecord *x = <const SortRecord *>a
+    cdef const SortRecord *y = <const SortRecord *>b
+    if x.key != y.key:
+        return -1 if x.key < y.key else 1
+    return entry_cmp(&x.entry, &y.entry)
+
+
+cdef void insertion_sort(SortRecord *records, size_t n) noexcept nogil:
+    cdef size_t i, j
+    cdef SortRecord r
+    for i in range(1, n):
+        r = records[i]
+        j = i
+        while j > 0 and record_cmp(&r, &records[j - 1]) < 0:
+            records[j] = records[j - 1]
+            j -= 1
+        records[j] = r
+
+
+cdef void counting_sort(
+    SortRecord *records, SortRecord *scratch, size_t n, size_t *counts
+) noexcept nogil:
+    """Sorts records by key, stably: a counting sort per byte of the key,
+    least significant first, skipping the bytes that every key has the same.
+    scratch has room for n records; counts for 8 x 256."""
+    cdef size_t i, total, c
+    cdef int b, shift
+    cdef size_t *count
+    cdef uint64_t k
+    cdef SortRecord *src = records
+    cdef SortRecord *dst = scratch
+    cdef SortRecord *t
+    memset(counts, 0, 8 * 256 * sizeof(size_t))
+    for i in range(n):
+        k = records[i].key
+        for b in range(8):
+            counts[b * 256 + ((k >> (8 * b)) & 0xFF)] += 1
+    for b in range(8):
+        shift = 8 * b
+        count = counts + b * 256
+        if count[(src[0].key >> shift) & 0xFF] == n:
+            continue
+        total = 0
+        for i in range(256):  # each byte value's first place in dst
+            c = count[i]
+            count[i] = total
+            total += c
+        for i in range(n):
+            c = (src[i].key >> shift) & 0xFF
+            dst[count[c]] = src[i]
+            count[c] += 1
+        t = src
+        src = dst
+        dst = t
+    if src != records:
+        memcpy(records, src, n * sizeof(SortRecord))
+
+
+cdef void read_keys(SortRecord *records, size_t n, size_t depth) noexcept nogil:
+    """Sets each record's key to its entry's chunk at depth (>= 1)."""
+    cdef size_t i
+    cdef Entry *e
+    for i in range(n):
+        if i + PREFETCH < n:
+            # The lengths, and about where the chunk's bytes are (a prefetch
+            # never faults, wherever that is).
+            e = records[i + PREFETCH].entry
+            fc_prefetch(&e.lens)
+            fc_prefetch(entry_data(e) + (depth - 1) * 8)
+        records[i].key = sort_chunk(records[i].entry, depth)
+
+
+cdef bint keys_differ(const SortRecord *records, size_t n) noexcept nogil:
+    cdef size_t i
+    for i in range(1, n):
+        if records[i].key != records[0].key:
+            return True
+    return False
+
+
+cdef void sort_run(
+    SortRecord *records, SortRecord *scratch, size_t n, size_t depth, int level,
+    size_t *counts
+) noexcept nogil:
+    """Sorts records into entry_cmp order, given that their sort strings are the
+    same before byte 8 * depth and that their keys are the next 8 bytes. n >= 2."""
+    cdef size_t i, start
+    while not keys_differ(records, n):  # past the bytes that they all share
+        if depth > 0 and records[0].key == 0:
+            # Past the end of the strings. A window holds each key once, so
+            # this is never reached; it bounds the loop all the same.
+            return
+        depth += 1
+        read_keys(records, n, depth)
+    if n < SMALL_RUN:
+        insertion_sort(records, n)
+        return
+    if level == MAX_LEVELS:
+        qsort(records, n, sizeof(SortRecord), record_cmp)
+        return
+    counting_sort(records, scratch, n, counts)
+    start = 0
+    for i in range(1, n + 1):
+        if i == n or records[i].key != records[start].key:
+            if i - start > 1:
+                read_keys(records + start, i - start, depth + 1)
+                sort_run(
+                    records + start, scratch + start, i - start, depth + 1, level + 1, counts
+                )
+            start = i
+
+
+cdef void sort_records(SortRecord *records, SortRecord *scratch, size_t n) noexcept nogil:
+    """Sorts the records of n entries into entry_cmp order, given their keys
+    at depth 0 (the buckets); scratch has room for n records."""
+    cdef size_t counts[8 * 256]
+    if n > 1:
+        sort_run(records, scratch, n, 0, 0, counts)
+
+
 # ------------------------------------------------------- binary COPY tuples
 
 cdef enum:
@@ -251,6 +524,8 @@ cdef Py_ssize_t copy_size(Entry **rows, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     cdef int j
     for i in range(n):
+        if i + PREFETCH < n:
+            fc_prefetch(&rows[i + PREFETCH].lens)
         for j in range(NDIMS):
             size += rows[i].lens[j]
     return size
@@ -293,22 +568,19 @@ cdef Shard *shards_new(Py_ssize_t nshards) noexcept nogil:
 
 
 cdef void shards_free(Shard *shards, Py_ssize_t nshards) noexcept nogil:
+    """Frees the tables; the entries they point to are their arena's."""
     cdef Py_ssize_t i
-    cdef size_t j
     if shards == NULL:
         return
     for i in range(nshards):
-        if shards[i].slots != NULL:
-            for j in range(shards[i].mask + 1):
-                free(shards[i].slots[j])
-            free(shards[i].slots)
+        free(shards[i].slots)
     free(shards)
 
 
 cdef void shards_gather(
-    Shard *shards, Py_ssize_t nshards, Entry **into, uint64_t *lo, uint64_t *hi
+    Shard *shards, Py_ssize_t nshards, SortRecord *into, uint64_t *lo, uint64_t *hi
 ) noexcept nogil:
-    """Moves every row into `into` (as many slots as rows), adds its counts
+    """Puts every row into `into` (as many records as rows), adds its counts
     to the 128-bit sums (hi, lo) per field, and frees the tables."""
     cdef Py_ssize_t n = 0
     cdef Py_ssize_t i
@@ -318,10 +590,13 @@ cdef void shards_gather(
     cdef uint64_t count
     for i in range(nshards):
         for j in range(shards[i].mask + 1):
+            if j + PREFETCH <= shards[i].mask:
+                fc_prefetch(shards[i].slots[j + PREFETCH])
             e = shards[i].slots[j]
             if e == NULL:
                 continue
-            into[n] = e
+            into[n].entry = e
+            into[n].key = sort_chunk(e, 0)  # while e is at hand
             n += 1
             for f in range(NFIELDS):
                 count = <uint64_t>e.counts[f]  # never negative: add() takes n >= 1
@@ -368,7 +643,7 @@ cdef int shard_grow(Shard *s) noexcept nogil:
 
 
 cdef int shard_insert(
-    Shard *s, Entry **slot, const Key *key, uint64_t h, int64_t field, int64_t n
+    Shard *s, Arena *arena, Entry **slot, const Key *key, uint64_t h, int64_t field, int64_t n
 ) except -1:
     """Adds a row for key, absent from s, with n in field; slot is where
     shard_find() said the key belongs."""
@@ -376,7 +651,7 @@ cdef int shard_insert(
         if shard_grow(s) < 0:
             raise MemoryError()
         slot = shard_empty_slot(s, h)
-    cdef Entry *e = entry_new(key, h)
+    cdef Entry *e = entry_new(arena, key, h)
     if e == NULL:
         raise MemoryError()
     e.counts[field] = n
@@ -409,6 +684,7 @@ cdef class Counters:
         if fresh == NULL:
             raise MemoryError()
         shards_free(self._shards, self._nshards)
+        arena_free(&self._arena)
         self._shards = fresh
         self._nshards = shards_
         self._shard_mask = <uint64_t>(shards_ - 1)
@@ -419,6 +695,7 @@ cdef class Counters:
 
     def __dealloc__(self):
         shards_free(self._shards, self._nshards)
+        arena_free(&self._arena)
 
     # Hot path: one call per pixel hit. A key already there costs a hash of
     # the str hashes (cached by CPython), a probe and a compare; nothing is
@@ -472,14 +749,14 @@ cdef class Counters:
     ) except -1:
         cdef int i
         if key_is_overflow(key):
-            shard_insert(s, slot, key, h, field, n)
+            shard_insert(s, &self._arena, slot, key, h, field, n)
             self._overflow_rows += 1
             return 0
         if self._keys < self._max_keys:
             for i in range(NDIMS):
                 if <size_t>key.lens[i] > UINT32_MAX:
                     raise ValueError("a dimension is longer than 2**32 - 1 bytes of UTF-8")
-            shard_insert(s, slot, key, h, field, n)
+            shard_insert(s, &self._arena, slot, key, h, field, n)
             self._keys += 1
             return 0
         # The window is full: count into the bucket's overflow row instead.
@@ -498,7 +775,7 @@ cdef class Counters:
                 raise OverflowError("counter would exceed 2**63 - 1")
             e.counts[field] += n
         else:
-            shard_insert(s, slot, key, h, field, n)
+            shard_insert(s, &self._arena, slot, key, h, field, n)
             self._overflow_rows += 1
         self._overflowed += n
         return 0
@@ -521,9 +798,11 @@ cdef class Counters:
         # thread sees a half-swapped state.
         window._shards = self._shards
         window._nshards = self._nshards
+        window._arena = self._arena
         window._rows = self._keys + self._overflow_rows
         window._overflowed = self._overflowed
         self._shards = fresh
+        memset(&self._arena, 0, sizeof(Arena))
         self._keys = 0
         self._overflow_rows = 0
         self._overflowed = 0
@@ -555,12 +834,9 @@ cdef class Window:
         raise TypeError("Window objects are made by Counters.swap()")
 
     def __dealloc__(self):
-        cdef Py_ssize_t i
-        if self._sorted != NULL:
-            for i in range(self._pos, self._pos + <Py_ssize_t>self._rows):
-                free(self._sorted[i])
-            free(self._sorted)
+        free(self._sorted)
         shards_free(self._shards, self._nshards)
+        arena_free(&self._arena)
         if self._lock != NULL:
             PyThread_free_lock(self._lock)
 
@@ -589,8 +865,8 @@ cdef class Window:
         """Removes and returns up to limit (>= 1) rows, in key order; [] once empty.
 
         A row is (bucket, campaign, creative, affiliate, sub_id, impressions,
-        givt_impressions, measurable, viewable, clicks, givt_clicks). Drained
-        rows free their memory.
+        givt_impressions, measurable, viewable, clicks, givt_clicks). The
+        window's memory is freed with its last row.
         """
         cdef int64_t limit_ = as_int64(limit)
         if limit_ < 1:
@@ -610,10 +886,8 @@ cdef class Window:
             # Only a complete result moves the cursor: after a MemoryError
             # above (building the rows may allocate), the next drain hands
             # out the same rows again.
-            for i in range(got):
-                free(batch[i])
-            self._pos += got
-            self._rows -= got
+            with nogil:
+                self._take(got)
         finally:
             PyThread_release_lock(self._lock)
         return rows
@@ -625,8 +899,8 @@ cdef class Window:
         The bytes hold no file header or trailer. Each tuple has 11 fields:
         the bucket (bigint), the four dimensions (text as UTF-8; an empty one
         is empty, never NULL), the six counts (bigint), in COLUMNS order.
-        drain() and drain_copy() take from the same rows. Drained rows free
-        their memory.
+        drain() and drain_copy() take from the same rows. The window's memory
+        is freed with its last row.
         """
         cdef int64_t limit_ = as_int64(limit)
         if limit_ < 1:
@@ -650,10 +924,11 @@ cdef class Window:
             p = <unsigned char *>PyBytes_AS_STRING(out)
             with nogil:
                 for i in range(got):
+                    if i + PREFETCH < got:
+                        fc_prefetch(batch[i + PREFETCH])
+                        fc_prefetch(&batch[i + PREFETCH].lens)
                     p = copy_tuple(p, batch[i])
-                    free(batch[i])
-            self._pos += got
-            self._rows -= got
+                self._take(got)
         finally:
             PyThread_release_lock(self._lock)
         return out
@@ -674,15 +949,36 @@ cdef class Window:
         the lock held."""
         if self._shards == NULL:
             return 0
+        cdef size_t n = <size_t>self._rows
         cdef Entry **rows = NULL
-        if self._rows > 0:
-            rows = <Entry **>malloc(<size_t>self._rows * sizeof(Entry *))
-            if rows == NULL:
+        cdef SortRecord *records = NULL
+        cdef size_t i
+        if n > 0:
+            rows = <Entry **>malloc(n * sizeof(Entry *))
+            # The records, then as many for sort_records() to move them through.
+            records = <SortRecord *>malloc(2 * n * sizeof(SortRecord))
+            if rows == NULL or records == NULL:
+                free(rows)
+                free(records)
                 raise MemoryError()
         with nogil:
-            shards_gather(self._shards, self._nshards, rows, self._totals_lo, self._totals_hi)
+            shards_gather(self._shards, self._nshards, records, self._totals_lo, self._totals_hi)
             self._shards = NULL
-            if rows != NULL:
-                qsort(rows, <size_t>self._rows, sizeof(Entry *), entry_cmp)
+            if n > 0:
+                sort_records(records, records + n, n)
+                for i in range(n):
+                    rows[i] = records[i].entry
+                free(records)
         self._sorted = rows
         return 0
+
+    cdef void _take(self, Py_ssize_t got) noexcept nogil:
+        """Moves the cursor past got drained rows. With the last one, frees all
+        the rows' memory, slab by slab: ~120 munmap() calls for 1,000,000 keys,
+        made by the thread that drains, without the GIL."""
+        self._pos += got
+        self._rows -= got
+        if self._rows == 0:
+            free(self._sorted)
+            self._sorted = NULL
+            arena_free(&self._arena)

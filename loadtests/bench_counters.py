@@ -21,10 +21,9 @@ printed too, and the "net" ratio leaves it out of both sides.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import random
+import resource
 import statistics
 import sys
 import time
@@ -155,40 +154,9 @@ def timed(run: Callable[[list[Op]], Sized], make_ops: Callable[[], list[Op]]) ->
 # ------------------------------------------------------------------- memory
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def malloc_in_use() -> Callable[[], int] | None:
-    """glibc's count of bytes handed out by malloc (chunk headers included)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        mallinfo2 = ctypes.CDLL(name).mallinfo2
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = _MallInfo2
-
-    def in_use() -> int:
-        info = mallinfo2()
-        return int(info.uordblks + info.hblkhd)
-
-    return in_use
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def bytes_per_key_traced(build: Callable[[], object], keys: int) -> float:
@@ -202,13 +170,11 @@ def bytes_per_key_traced(build: Callable[[], object], keys: int) -> float:
     return (after - before) / keys
 
 
-def bytes_per_key_malloc(
-    build: Callable[[], object], keys: int, in_use: Callable[[], int]
-) -> float:
+def bytes_per_key_resident(build: Callable[[], object], keys: int) -> float:
     gc.collect()
-    before = in_use()
+    before = resident_bytes()
     kept = build()
-    after = in_use()
+    after = resident_bytes()
     del kept
     return (after - before) / keys
 
@@ -307,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\nMemory per key, after one increment of each key:")
     print("  dict and twin: tracemalloc (Python's allocations, as requested sizes);")
-    print("  compiled: glibc mallinfo2, bytes in use by malloc (chunk headers included).")
+    print("  compiled: growth of resident memory (its rows live in slabs mapped from the OS).")
     figures: dict[str, float] = {}
     figures["dict, own key strings"] = bytes_per_key_traced(
         lambda: fill_dict(FreshKeys(specs)), args.keys
@@ -318,13 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     figures["pure-python twin, own"] = bytes_per_key_traced(
         lambda: fill_engine(_counters_py, FreshKeys(specs)), args.keys
     )
-    in_use = malloc_in_use()
-    if in_use is None:
-        print("  (no glibc mallinfo2 here: compiled engine not measured)")
-    else:
-        figures["compiled"] = bytes_per_key_malloc(
-            lambda: fill_engine(_counters_c, FreshKeys(specs)), args.keys, in_use
-        )
+    figures["compiled"] = bytes_per_key_resident(
+        lambda: fill_engine(_counters_c, FreshKeys(specs)), args.keys
+    )
     for name, per_key in figures.items():
         ratios = "   ".join(
             f"{per_key / figures[base]:.2f} of {base}"

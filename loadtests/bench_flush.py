@@ -5,10 +5,12 @@
 On a PostgreSQL cluster of its own, with the flusher as the server runs it (two connections,
 ``--flush-connections``' default), it prints:
 - resident memory per live key, with 1,000,000 keys held by the counter engine;
-- the longest event-loop stall while the flusher seals and merges a window of 200,000 distinct
-  keys (a 1 ms ticker measures how late it wakes);
+- the longest event-loop stall while the flusher seals and merges windows of 200,000 distinct
+  keys (a 1 ms ticker measures how late it wakes): once with PostgreSQL pinned to a core of its
+  own, as on a machine of its own, and once sharing every core with it;
 - the time to seal, COPY and merge a window of 1,000,000 new keys, then the same keys again
   (every row exists: the merge updates them all, as when a bucket spans several flushes);
+  medians of three rounds, each in a bucket of its own;
 - for a window of 1,000,000 new keys, the sealing apart from the COPY and merge over one
   connection.
 """
@@ -17,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -36,6 +42,7 @@ from server.spool import Spool
 
 BUCKET = 1_800_000_000
 CONNECTIONS = 2  # --flush-connections' default
+ROUNDS = 3
 
 
 def fill(counters: Counters, keys: int, bucket: int = BUCKET) -> None:
@@ -50,43 +57,52 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-async def stall_while_flushing(dsn: str, spool: Path, keys: int) -> tuple[float, float, float]:
-    """(longest stall in ms, seconds to flush ``keys`` new keys, seconds to flush them again)
-    for windows of ``keys`` distinct keys, flushed as the server does."""
+async def stall_while_flushing(
+    dsn: str, spool: Path, keys: int, first_bucket: int
+) -> tuple[float, float, float]:
+    """(longest stall in ms, median seconds to flush ``keys`` new keys, median seconds to flush
+    the same keys again) over ROUNDS rounds, each in a bucket of its own from
+    ``first_bucket`` on, flushed as the server does."""
     counters = Counters(max_keys=2 * keys)
     flusher = Flusher(counters, dsn, Metrics(), 1.0, Spool(spool, 1 << 30), 10, CONNECTIONS)
     await flusher.flush()  # connect and migrate first
-    fill(counters, keys)
     worst = 0.0
     running = True
 
     async def ticker() -> None:
+        # perf_counter, not loop.time(): uvloop's clock has millisecond steps.
         nonlocal worst
-        loop = asyncio.get_running_loop()
         while running:
-            before = loop.time()
+            before = time.perf_counter()
             await asyncio.sleep(0.001)
-            worst = max(worst, loop.time() - before - 0.001)
+            worst = max(worst, time.perf_counter() - before - 0.001)
 
-    probe = asyncio.create_task(ticker())
-    await asyncio.sleep(0.05)
-    started = time.perf_counter()
-    await flusher.flush()
-    new = time.perf_counter() - started
-    running = False
-    await probe
-    fill(counters, keys)  # the same keys: every row exists, each merge is an update
-    started = time.perf_counter()
-    await flusher.flush()
-    again = time.perf_counter() - started
+    async def timed_flush() -> float:
+        started = time.perf_counter()
+        await flusher.flush()
+        return time.perf_counter() - started
+
+    new, again = [], []
+    for round_number in range(ROUNDS):
+        bucket = first_bucket + 60 * round_number
+        fill(counters, keys, bucket)
+        probe = asyncio.create_task(ticker())
+        await asyncio.sleep(0.05)
+        new.append(await timed_flush())
+        running = False
+        await probe
+        running = True
+        # The same keys: every row exists, each merge is an update.
+        fill(counters, keys, bucket)
+        again.append(await timed_flush())
     await flusher.close(5.0)
-    return worst * 1000, new, again
+    return worst * 1000, statistics.median(new), statistics.median(again)
 
 
 async def phases(dsn: str, keys: int) -> tuple[float, float]:
     """(seconds to seal, seconds to apply over one connection) a window of ``keys`` new keys."""
     counters = Counters(max_keys=2 * keys)
-    fill(counters, keys, bucket=BUCKET + 60)
+    fill(counters, keys, bucket=BUCKET - 60)
     connection = await storage.connect(dsn, 10.0)
     try:
         started = time.perf_counter()
@@ -99,6 +115,38 @@ async def phases(dsn: str, keys: int) -> tuple[float, float]:
     finally:
         await connection.close()
     return sealed, applied
+
+
+@contextlib.contextmanager
+def database_on_its_own_core(postgres: EmbeddedPostgres) -> Iterator[None]:
+    """Pins PostgreSQL (the postmaster and its processes; backends inherit it) to the last core
+    and this process to the others, as when the database runs on a machine of its own: the
+    flusher's two connections otherwise keep every core of a small machine busy, and the
+    event loop waits for the CPU, not for anything of its own."""
+    cores = os.sched_getaffinity(0)
+    postmaster = int((postgres.pgdata / "postmaster.pid").read_text().split()[0])
+    family = [postmaster, *_children(postmaster)]
+    own = {max(cores)}
+    for pid in family:
+        os.sched_setaffinity(pid, own)
+    os.sched_setaffinity(0, cores - own)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
+        for pid in [postmaster, *_children(postmaster)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(pid, cores)
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == parent:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def measure() -> dict[str, float]:
@@ -116,19 +164,31 @@ def measure() -> dict[str, float]:
         postgres = EmbeddedPostgres(folder / "db")
         postgres.start()
         try:
+            with database_on_its_own_core(postgres):
+                stall, _, _ = uvloop.run(
+                    stall_while_flushing(postgres.dsn, folder / "p", 200_000, BUCKET - 3600)
+                )
+            figures.update(stall_ms_200k_own_core=stall)
+            print(
+                f"200,000 keys, PostgreSQL on a core of its own: longest event-loop stall"
+                f" {stall:.1f} ms (of {ROUNDS} flushes)"
+            )
             stall, new, again = uvloop.run(
-                stall_while_flushing(postgres.dsn, folder / "s", 200_000)
+                stall_while_flushing(postgres.dsn, folder / "s", 200_000, BUCKET)
             )
             figures.update(stall_ms_200k=stall, flush_s_200k=new, reflush_s_200k=again)
             print(
-                f"200,000 keys: longest event-loop stall {stall:.1f} ms;"
-                f" flushed in {new:.2f} s, again in {again:.2f} s"
+                f"200,000 keys, PostgreSQL on every core: longest event-loop stall {stall:.1f} ms;"
+                f" flushed in {new:.2f} s, again in {again:.2f} s (medians)"
             )
-            _, new, again = uvloop.run(stall_while_flushing(postgres.dsn, folder / "m", 1_000_000))
+            _, new, again = uvloop.run(
+                stall_while_flushing(postgres.dsn, folder / "m", 1_000_000, BUCKET + 3600)
+            )
             figures.update(flush_s_1m=new, reflush_s_1m=again)
             print(
                 f"1,000,000 keys: flushed (sealed, copied, merged) in {new:.2f} s;"
                 f" the same keys again (every row updated) in {again:.2f} s"
+                f" (medians of {ROUNDS})"
             )
             sealed, applied = uvloop.run(phases(postgres.dsn, 1_000_000))
             figures.update(seal_s_1m=sealed, apply_one_connection_s_1m=applied)

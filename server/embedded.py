@@ -74,7 +74,9 @@ class EmbeddedPostgres:
         if self.running():
             self._use_running_socket()
             return
-        options = f"-c listen_addresses='' -k {self.socket_dir}"
+        options = (
+            f"-c listen_addresses='' -k {self.socket_dir} -c shared_buffers={shared_buffers()}"
+        )
         log_file = self.pgdata / "postgresql.log"
         self._run(
             "pg_ctl", "-D", self.pgdata, "-l", log_file, "-w", "-t", "60", "-o", options, "start"
@@ -136,6 +138,21 @@ class EmbeddedPostgres:
             if not mode & stat.S_IXOTH:
                 parent.chmod(mode | stat.S_IXOTH)
                 log.info("made %s traversable for the %s user", parent, self._user)
+
+
+def shared_buffers() -> str:
+    """PostgreSQL's page cache for the embedded cluster: an eighth of the memory this process
+    may use (the machine's, or less under a cgroup limit), from 128 MB, PostgreSQL's default,
+    up to 1 GB. The default is too small for the rows a flush merges: a million new keys took
+    5.2-5.5 s to merge over one connection with it, 4.3 s with 1 GB (timed on this machine)."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        limit = "max"
+    if limit.isdigit():
+        memory = min(memory, int(limit))
+    return f"{min(max(memory // 8, 128 << 20), 1 << 30) >> 20}MB"
 
 
 def _system_user() -> str:

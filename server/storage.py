@@ -111,8 +111,10 @@ async def apply(connection: Any, batch: Batch) -> bool:
     return True
 
 
-# A batch goes to the server in pieces of this size: one buffer copy each, never the whole batch.
-COPY_PIECE = 1 << 20
+# A batch goes to the server in pieces of this size. asyncpg copies each into a message buffer
+# on the event loop: pieces of 1 MiB stalled it up to 4-16 ms while two connections merged
+# 200,000 keys, pieces of 64 KiB 2-4 ms (timed on this machine).
+COPY_PIECE = 1 << 16
 
 
 async def copy_file(batch: Batch) -> AsyncIterator[bytes | memoryview]:

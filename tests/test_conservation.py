@@ -6,10 +6,17 @@ import asyncio
 import collections
 import random
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlencode
 
 import aiohttp
+import pytest
 
+from _fastcount import IMPRESSIONS, Counters
+from server import batch
+from server.flusher import Flusher
+from server.metrics import Metrics
+from server.spool import Spool
 from tests.harness import PixelServer, fetch, totals_by_key
 
 REQUESTS = 20_000
@@ -116,3 +123,26 @@ async def test_key_cap_sends_new_keys_to_the_overflow_row_and_totals_add_up(
     assert all(counts[0] == 3 for counts in stored.values())
     assert overflow[0] == 40 * 3
     assert "__overflow__" in server.log()
+
+
+async def test_a_window_bigger_than_a_batch_is_merged_exactly_over_every_connection(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch, "BATCH_ROWS", 7)
+    counters = Counters()
+    flusher = Flusher(counters, database, Metrics(), 1.0, Spool(tmp_path, 1 << 20), 10, 3)
+    await flusher.flush()  # connects all three
+    keys = make_keys(100)
+    for n, (cid, crid, aff, sub) in enumerate(keys):
+        counters.add(1_800_000_000, cid, crid, aff, sub, IMPRESSIONS, n + 1)
+    await flusher.flush()
+    for cid, crid, aff, sub in keys:  # the same rows again: every merge an update
+        counters.add(1_800_000_000, cid, crid, aff, sub, IMPRESSIONS)
+    await flusher.flush()
+    await flusher.close(5.0)
+
+    stored = {key: counts[0] for key, counts in (await totals_by_key(database)).items()}
+    assert stored == {key: n + 2 for n, key in enumerate(keys)}
+    (batches,) = await fetch(database, "SELECT count(*) FROM flush_batches WHERE row_count <= 7")
+    assert batches[0] == 2 * 15  # ceil(100 / 7) per window
+    assert flusher.pending_batches == 0

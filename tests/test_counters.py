@@ -7,6 +7,7 @@ import random
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 from collections import Counter
 from pathlib import Path
@@ -390,6 +391,160 @@ def test_growth_past_many_resizes(counters_impl: ModuleType) -> None:
             )
 
 
+def test_keys_of_every_size(counters_impl: ModuleType) -> None:
+    # The compiled engine packs entries into 1 MiB slabs: many small keys fill
+    # several; a key over 64 KiB that does not fit gets a slab of its own, even
+    # one over 1 MiB; the small keys after it go on filling the slab they were in.
+    large = [60_000, 65_000, 70_000, 1_100_000, 2_000_000, 300_000, 65_400]
+    keys = []
+    for i in range(30_000):
+        size = large[i // 4_000] if i % 4_000 == 3_999 else i % 300
+        keys.append((B + 60 * (i % 2), f"c{i % 7}", "é" * (size // 2), f"a{i}", "x" * (size % 2)))
+    counters = counters_impl.Counters(shards=4)
+    for i, key in enumerate(keys):
+        counters.add(*key, i % 6, i + 1)
+    window = counters.swap()
+    expected = sorted(
+        row(*key, counts=tuple((i + 1) * (f == i % 6) for f in range(6)))
+        for i, key in enumerate(keys)
+    )
+    assert copy_rows(drain_copy_all(window, 999)) == expected
+
+
+# -------------------------------------------------------------------- memory
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc/self/statm")
+def test_memory_comes_back(counters_impl: ModuleType) -> None:
+    counters = counters_impl.Counters(shards=4)
+    drained = []
+
+    def fill() -> None:  # 10 MB of keys in the compiled engine
+        for i in range(5_000):
+            counters.add(B, f"c{i}", "x" * 2_000, "", "", 0)
+
+    def dropped_whole() -> None:
+        fill()
+        counters.swap()
+
+    def dropped_half_drained() -> None:
+        fill()
+        counters.swap().drain_copy(2_500)
+
+    def drained_but_kept() -> None:
+        fill()
+        window = counters.swap()
+        drain_copy_all(window, 999)
+        drained.append(window)  # its memory went with its last row
+
+    def init_again() -> None:
+        fill()
+        counters.__init__(shards=4)  # the keys counted so far are dropped
+
+    for case in (dropped_whole, dropped_half_drained, drained_but_kept, init_again):
+        case()
+        before = resident_bytes()
+        for _ in range(5):
+            case()
+        # Keeping the keys would take 5 x 10 MB.
+        assert resident_bytes() - before < 25_000_000, case.__name__
+    assert len(drained) == 6
+
+
+def test_init_again_starts_over(counters_impl: ModuleType) -> None:
+    counters = counters_impl.Counters(max_keys=10, shards=2)
+    counters.add(B, "a", "", "", "", 0)
+    window = counters.swap()
+    for i in range(20):
+        counters.add(B, f"b{i}", "", "", "", 0)
+    assert (len(counters), counters.overflowed) == (11, 10)
+    with pytest.raises(ValueError):
+        counters.__init__(shards=3)
+    assert (len(counters), counters.overflowed, counters.max_keys) == (11, 10, 10)
+    counters.__init__(max_keys=2, shards=1)
+    assert (len(counters), counters.overflowed, counters.max_keys) == (0, 0, 2)
+    for i in range(3):
+        counters.add(B, "c", "", "", "", 0)
+        counters.add(B, f"d{i}", "", "", "", 1)
+    assert drain_all(counters.swap()) == [
+        row(B, "__overflow__", "", "", "", counts=(0, 2, 0, 0, 0, 0)),
+        row(B, "c", "", "", "", counts=(3, 0, 0, 0, 0, 0)),
+        row(B, "d0", "", "", "", counts=(0, 1, 0, 0, 0, 0)),
+    ]
+    # A window swapped out before keeps its rows.
+    assert drain_all(window) == [row(B, "a", "", "", "")]
+
+
+# Run in a process of its own: the limit on the address space is the process's.
+OUT_OF_MEMORY = """
+import importlib, resource, sys
+from tests.harness import copy_rows
+
+engine = importlib.import_module(sys.argv[1])
+B = 1_700_000_000
+PAD = "x" * 3_000
+
+def limited(headroom, action):
+    # Whether action() ran out of memory, with headroom bytes of address space to grow into.
+    with open("/proc/self/statm") as statm:
+        size = int(statm.read().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (size + headroom, hard))
+    try:
+        action()
+    except MemoryError:
+        return True
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    return False
+
+counters = engine.Counters(max_keys=10**9, shards=4)
+
+def add(i):
+    counters.add(B, f"{i:07d}{PAD}", "", "", "", 0, i + 1)
+
+def count_until_out_of_memory():
+    while True:
+        add(len(counters))
+
+for _ in range(3):  # out of memory while counting, then on again
+    assert limited(32 << 20, count_until_out_of_memory)
+    for _ in range(100):
+        add(len(counters))
+keys = len(counters)
+window = counters.swap()
+limited(0, lambda: window.totals)  # the compiled engine runs out as it sorts
+limited(0, lambda: window.drain_copy(10**9))
+assert window.totals == (keys * (keys + 1) // 2, 0, 0, 0, 0, 0)
+rows = []
+while chunk := window.drain_copy(1_000):
+    rows += copy_rows(chunk)
+assert rows == [(B, f"{i:07d}{PAD}", "", "", "", i + 1, 0, 0, 0, 0, 0) for i in range(keys)]
+print(keys)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc/self/statm")
+def test_out_of_memory_while_counting_and_sorting(counters_impl: ModuleType) -> None:
+    resource = pytest.importorskip("resource")
+    if resource.getrlimit(resource.RLIMIT_AS)[1] != resource.RLIM_INFINITY:
+        pytest.skip("the address space has a hard limit already")
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(OUT_OF_MEMORY), counters_impl.__name__],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 20_000  # 32 MB three times, 3 KB a key
+
+
 # ------------------------------------------------- key order, COPY, totals
 
 # PostgreSQL's order for the primary key with COLLATE "C": bucket as a signed
@@ -434,6 +589,48 @@ def test_drain_in_key_order(counters_impl: ModuleType, shards: int) -> None:
     for i, key in added:
         counters.add(*key, 0, i + 1)
     assert copy_rows(drain_copy_all(counters.swap(), 5)) == expected
+
+
+# Keys that share a prefix of up to 40 bytes of UTF-8 and then differ, at any byte of
+# the next 8 or 16, in one dimension or across two, by a NUL, an ASCII or a multibyte
+# character, or by where a dimension ends.
+SHARED_PREFIXES = ["", "p" * 7, "p" * 8, "p" * 9, "p" * 15, "p" * 16, "p" * 17, "é" * 12, "p" * 40]
+ENDINGS = ["", "\x00", "\x00a", "a", "ab", "\x7f", "é", "😀"]
+
+
+def test_order_decided_past_shared_prefixes(counters_impl: ModuleType) -> None:
+    keys = sorted(
+        {
+            key
+            for bucket in (-1, B)
+            for prefix in SHARED_PREFIXES
+            for a in ENDINGS
+            for b in ENDINGS
+            for c in ENDINGS
+            for key in ((bucket, prefix + a, b, c, ""), (bucket, "", a, prefix + b, prefix + c))
+        }
+    )
+    added = random.Random(11).sample(keys, len(keys))
+    counters = counters_impl.Counters(shards=4)
+    for key in added:
+        counters.add(*key, 0)
+    assert drain_all(counters.swap(), 1_000) == [row(*key) for key in keys]
+
+
+def test_order_of_keys_sharing_ever_longer_prefixes(counters_impl: ModuleType) -> None:
+    # Each 8 more bytes shared split one group of keys off the rest: the
+    # compiled sort goes deeper than it recurses, and ends with comparisons.
+    keys = [
+        key
+        for j in range(40)
+        for i in range(40)
+        for key in ((B, "a" * 8 * j + f"b{i}", "", "", ""), (B, "a" * 8 * j, f"b{i}", "", ""))
+    ]
+    random.Random(12).shuffle(keys)
+    counters = counters_impl.Counters(shards=2)
+    for key in keys:
+        counters.add(*key, 0)
+    assert drain_all(counters.swap(), 500) == [row(*key) for key in sorted(keys)]
 
 
 def copy_field(data: bytes) -> bytes:

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
+from _fastcount import COLUMNS, IMPRESSIONS, Counters
 from loadtests import outage
 from server import storage
-from server.batch import Batch
+from server.batch import Batch, seal
 from server.embedded import EmbeddedPostgres
 from tests.harness import (
     DatabaseProxy,
@@ -239,3 +242,23 @@ async def test_memory_cap_drops_are_counted_and_logged(
     assert server.log().count("memory cap reached") == 2
     assert server.log().count("over its budget") == 1
     assert await asyncio.to_thread(server.terminate) == 0
+
+
+@pytest.mark.parametrize("after", [0.0, 0.001, 0.05])
+async def test_a_seal_cancelled_midway_still_hands_over_every_row(after: float) -> None:
+    counters = Counters()
+    for n in range(300_000):
+        counters.add(60, f"c{n % 13}", f"cr{n}", "", "", IMPRESSIONS, 2)
+    window = counters.swap()
+    batches: list[Batch] = []
+    events = [0] * len(COLUMNS)
+    sealing = asyncio.create_task(seal(window, batches.append, events))
+    await asyncio.sleep(after)
+    sealing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sealing
+    assert len(window) == 0
+    assert sum(batch.rows for batch in batches) == 300_000
+    assert events == [600_000, 0, 0, 0, 0, 0]
+    rows = [row for batch in batches for row in batch_rows(batch)]
+    assert rows == sorted(rows) and len({row[:5] for row in rows}) == 300_000
