@@ -1,4 +1,4 @@
--- Faster merges (loadtests/bench_flush.py has the figures).
+-- Faster merges (figures timed by hand on the development machine, one connection).
 --
 -- Room on every page: a flush merges each key of the current bucket again, interval after
 -- interval. With the page half free, PostgreSQL writes the new version of the row on the same
