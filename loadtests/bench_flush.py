@@ -34,7 +34,7 @@ import uvloop
 
 from _fastcount import IMPRESSIONS, Counters
 from server import storage
-from server.batch import seal_window
+from server.batch import Batch, seal_window
 from server.embedded import EmbeddedPostgres
 from server.flusher import Flusher
 from server.metrics import Metrics
@@ -106,7 +106,8 @@ async def phases(dsn: str, keys: int) -> tuple[float, float]:
     connection = await storage.connect(dsn, 10.0)
     try:
         started = time.perf_counter()
-        batches, _ = await asyncio.to_thread(seal_window, counters.swap())
+        batches: list[Batch] = []
+        await asyncio.to_thread(seal_window, counters.swap(), batches)
         sealed = time.perf_counter() - started
         started = time.perf_counter()
         for batch in batches:

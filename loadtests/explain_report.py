@@ -31,7 +31,7 @@ import asyncpg
 
 from _fastcount import IMPRESSIONS, MEASURABLE, VIEWABLE, Counters
 from server import dashboard, storage
-from server.batch import seal_window
+from server.batch import Batch, seal_window
 from server.embedded import EmbeddedPostgres
 from server.report import Query
 
@@ -117,9 +117,10 @@ async def flush_cost(dsn: str, end: datetime) -> None:
                 key = (bucket, f"c{k % 40}", f"cr{k % 1000}", f"a{k % 200}", f"s{k}")
                 for field in (IMPRESSIONS, MEASURABLE, VIEWABLE):
                     counters.add(*key, field)
-            (batch,), _ = seal_window(counters.swap())
+            batches: list[Batch] = []
+            seal_window(counters.swap(), batches)  # FLUSH_ROWS keys: one batch
             began = time.perf_counter()
-            await storage.apply(connection, batch)
+            await storage.apply(connection, batches[0])
             seconds.append(time.perf_counter() - began)
     finally:
         await connection.close()

@@ -66,33 +66,37 @@ class Batch:
         return cls(uuid.UUID(str(document.get("batch_id"))), rows, tuples)
 
 
-def seal_window(window: Window) -> tuple[list[Batch], tuple[int, ...]]:
-    """Drains a swapped-out window into batches of up to :data:`BATCH_ROWS` rows; returns
-    them with the window's per-field totals. Blocking: the engine sorts and encodes without
-    the GIL, so call it from a worker thread."""
+def seal_window(window: Window, batches: list[Batch]) -> tuple[int, ...]:
+    """Drains a swapped-out window into ``batches``, up to :data:`BATCH_ROWS` rows each;
+    returns the window's per-field totals. Blocking: the engine sorts and encodes without the
+    GIL, so call it from a worker thread."""
     totals = window.totals
-    batches = []
     while left := len(window):
         tuples = window.drain_copy(BATCH_ROWS)
         batches.append(Batch(uuid.uuid4(), left - len(window), tuples))
-    return batches, totals
+    return totals
 
 
 async def seal(window: Window, add: Callable[[Batch], object], events: list[int]) -> None:
     """Seals a window off the event loop, passes each batch to ``add`` and adds the window's
     per-field totals to ``events``. If cancelled, it waits for the sealing thread, or drains
-    the window itself, before it stops: no row is lost."""
+    the window itself, before it stops: no row is lost. If the sealing fails, the batches
+    sealed before the error are handed over all the same."""
+    batches: list[Batch] = []
     with concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix="seal", initializer=_yielding
     ) as executor:
-        sealing = executor.submit(seal_window, window)
+        sealing = executor.submit(seal_window, window, batches)
         try:
-            batches, totals = await asyncio.wrap_future(sealing)
+            totals = await asyncio.wrap_future(sealing)
         except asyncio.CancelledError:
             # The thread could not be stopped (it ran on) or never started (the window is
             # still whole); either way every row ends up in a batch.
-            batches, totals = seal_window(window) if sealing.cancelled() else sealing.result()
+            totals = seal_window(window, batches) if sealing.cancelled() else sealing.result()
             _hand_over(batches, totals, add, events)
+            raise
+        except BaseException:
+            _hand_over(batches, (), add, events)
             raise
     _hand_over(batches, totals, add, events)
 

@@ -78,7 +78,9 @@ def batch_of(*rows: Row) -> Batch:
         for field, n in enumerate(counts):
             if n:
                 counters.add(bucket, campaign, creative, affiliate, sub_id, field, n)
-    (batch,), _ = seal_window(counters.swap())
+    batches: list[Batch] = []
+    seal_window(counters.swap(), batches)
+    (batch,) = batches
     return batch
 
 

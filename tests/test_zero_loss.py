@@ -16,6 +16,7 @@ import pytest
 
 from _fastcount import COLUMNS, IMPRESSIONS, Counters
 from loadtests import outage
+from server import batch as batch_module
 from server import storage
 from server.batch import Batch, seal
 from server.embedded import EmbeddedPostgres
@@ -262,3 +263,34 @@ async def test_a_seal_cancelled_midway_still_hands_over_every_row(after: float) 
     assert events == [600_000, 0, 0, 0, 0, 0]
     rows = [row for batch in batches for row in batch_rows(batch)]
     assert rows == sorted(rows) and len({row[:5] for row in rows}) == 300_000
+
+
+async def test_a_seal_that_fails_midway_hands_over_what_it_sealed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(batch_module, "BATCH_ROWS", 10)
+    counters = Counters()
+    for n in range(25):
+        counters.add(60, f"c{n}", "", "", "", IMPRESSIONS)
+    window = counters.swap()
+
+    class FailingSecondTime:
+        """The window, whose second drain runs out of memory."""
+
+        totals = property(lambda self: window.totals)
+        drains = 0
+
+        def __len__(self) -> int:
+            return len(window)
+
+        def drain_copy(self, limit: int) -> bytes:
+            self.drains += 1
+            if self.drains == 2:
+                raise MemoryError
+            return window.drain_copy(limit)
+
+    batches: list[Batch] = []
+    with pytest.raises(MemoryError):
+        await seal(FailingSecondTime(), batches.append, [0] * len(COLUMNS))  # type: ignore[arg-type]
+    assert [batch.rows for batch in batches] == [10]
+    assert len(window) == 15  # the rest is still in the window, not half lost
