@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from _fastcount import Counters
+from _fastcount import Counters, Window
 from server import storage
 from server.batch import Batch, seal
 from server.dsn import redact
@@ -83,6 +83,7 @@ class Flusher:
         self._spool = spool
         self._pending = collections.deque(Pending(None, path) for path in spool.paths())
         self._connections: list[Any] = []
+        self._unsealed: collections.deque[Window] = collections.deque()  # left by failed seals
         self._connection_count = connections
         self._failures = 0
         self._retry_at = 0.0
@@ -125,6 +126,10 @@ class Flusher:
         """The final flush: one try at the database within half of ``timeout``, then whatever
         is still in memory goes to the spool, for the next start to apply."""
         await self._seal()
+        unsealed = sum(len(window) for window in self._unsealed)
+        if unsealed:
+            self._metrics.dropped += unsealed
+            log.error("shutdown: %d rows could not be sealed; dropped", unsealed)
         try:
             await asyncio.wait_for(
                 self._apply_pending(min(CONNECT_TIMEOUT, timeout / 4)), timeout / 2
@@ -160,9 +165,21 @@ class Flusher:
                 window.overflowed,
             )
         if len(window):
-            await seal(
-                window, lambda batch: self._pending.append(Pending(batch)), self._metrics.events
-            )
+            self._unsealed.append(window)
+        while self._unsealed:
+            window = self._unsealed[0]
+            try:
+                await seal(
+                    window, lambda batch: self._pending.append(Pending(batch)), self._metrics.events
+                )
+            except Exception:
+                # Out of memory, say: the rows not sealed yet wait in the window for the next
+                # flush, and the flusher goes on.
+                log.exception("sealing failed; %d rows wait for the next flush", len(window))
+                return
+            finally:
+                if not len(window):
+                    self._unsealed.popleft()
 
     async def _apply_pending(self, connect_timeout: float) -> None:
         try:

@@ -14,12 +14,15 @@ import aiohttp
 import orjson
 import pytest
 
-from _fastcount import COLUMNS, IMPRESSIONS, Counters
+from _fastcount import COLUMNS, IMPRESSIONS, Counters, Window
 from loadtests import outage
 from server import batch as batch_module
 from server import storage
-from server.batch import Batch, seal
+from server.batch import Batch, seal, seal_window
 from server.embedded import EmbeddedPostgres
+from server.flusher import Flusher
+from server.metrics import Metrics
+from server.spool import Spool
 from tests.harness import (
     DatabaseProxy,
     PixelServer,
@@ -294,3 +297,28 @@ async def test_a_seal_that_fails_midway_hands_over_what_it_sealed(
         await seal(FailingSecondTime(), batches.append, [0] * len(COLUMNS))  # type: ignore[arg-type]
     assert [batch.rows for batch in batches] == [10]
     assert len(window) == 15  # the rest is still in the window, not half lost
+
+
+async def test_a_window_whose_seal_failed_is_flushed_next_time(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sealings = 0
+
+    def out_of_memory_once(window: Window, batches: list[Batch]) -> tuple[int, ...]:
+        nonlocal sealings
+        sealings += 1
+        if sealings == 1:
+            raise MemoryError
+        return seal_window(window, batches)
+
+    monkeypatch.setattr(batch_module, "seal_window", out_of_memory_once)
+    counters = Counters()
+    metrics = Metrics()
+    flusher = Flusher(counters, database, metrics, 1.0, Spool(tmp_path, 1 << 20), 10, 2)
+    counters.add(60, "first", "", "", "", IMPRESSIONS, 3)
+    await flusher.flush()  # the seal fails: the window waits, the flusher goes on
+    counters.add(60, "second", "", "", "", IMPRESSIONS, 4)
+    await flusher.flush()
+    await flusher.close(5.0)
+    assert await impressions(database) == {"first": 3, "second": 4}
+    assert metrics.events[IMPRESSIONS] == 7
