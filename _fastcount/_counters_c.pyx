@@ -1,4 +1,4 @@
-"""Compiled counter engine: per-shard C hash tables of fixed-size rows.
+"""Compiled counter engine: per-shard C hash tables of rows kept in slabs.
 
 _counters_py.py is the reference implementation; this module must behave the
 same for every public call. Declarations are in _counters_c.pxd.
@@ -699,10 +699,9 @@ cdef class Counters:
 
     # Hot path: one call per pixel hit. A key already there costs a hash of
     # the str hashes (cached by CPython), a probe and a compare; nothing is
-    # allocated. loadtests/bench_counters.py, 100k keys, new str objects per
-    # increment as a query string gives them: 389 ns net per increment
-    # against 1177 for a dict of tuples, 3.0x; bound by memory latency (the
-    # slot and the row are a cache miss each), not by the instructions here.
+    # allocated. Bound by memory latency (the slot and the row are a cache
+    # miss each), not by the instructions here: loadtests/bench_counters.py
+    # has the figures.
     def add(
         self,
         bucket,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import random
-import resource
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import orjson
 
 from _fastcount import _counters_py
+from server.metrics import resident_bytes
 
 Spec = tuple[int, int, int, int, int]  # bucket, campaign, creative, affiliate, sub id numbers
 Op = tuple[int, str, str, str, str, int]
@@ -154,11 +154,6 @@ def timed(run: Callable[[list[Op]], Sized], make_ops: Callable[[], list[Op]]) ->
 # ------------------------------------------------------------------- memory
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
 def bytes_per_key_traced(build: Callable[[], object], keys: int) -> float:
     gc.collect()
     tracemalloc.start()
@@ -245,6 +240,21 @@ def main(argv: list[str] | None = None) -> int:
         "shared strings": lambda: ops_shared(shared_keys, stream),
         "fresh strings": lambda: ops_fresh(specs, stream),
     }
+    # Memory first, the compiled engine's before the rest: its figure is the growth of resident
+    # memory, which a heap already grown by other runs would hide.
+    figures: dict[str, float] = {}
+    figures["compiled"] = bytes_per_key_resident(
+        lambda: fill_engine(_counters_c, FreshKeys(specs)), args.keys
+    )
+    figures["dict, own key strings"] = bytes_per_key_traced(
+        lambda: fill_dict(FreshKeys(specs)), args.keys
+    )
+    figures["dict, shared strings"] = bytes_per_key_traced(
+        lambda: fill_dict(shared_keys), args.keys
+    )
+    figures["pure-python twin, own"] = bytes_per_key_traced(
+        lambda: fill_engine(_counters_py, FreshKeys(specs)), args.keys
+    )
     report: dict[str, float] = {}
     for mode, make_ops in modes.items():
         print(f"\nSpeed, {mode}:")
@@ -274,19 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\nMemory per key, after one increment of each key:")
     print("  dict and twin: tracemalloc (Python's allocations, as requested sizes);")
     print("  compiled: growth of resident memory (its rows live in slabs mapped from the OS).")
-    figures: dict[str, float] = {}
-    figures["dict, own key strings"] = bytes_per_key_traced(
-        lambda: fill_dict(FreshKeys(specs)), args.keys
-    )
-    figures["dict, shared strings"] = bytes_per_key_traced(
-        lambda: fill_dict(shared_keys), args.keys
-    )
-    figures["pure-python twin, own"] = bytes_per_key_traced(
-        lambda: fill_engine(_counters_py, FreshKeys(specs)), args.keys
-    )
-    figures["compiled"] = bytes_per_key_resident(
-        lambda: fill_engine(_counters_c, FreshKeys(specs)), args.keys
-    )
     for name, per_key in figures.items():
         ratios = "   ".join(
             f"{per_key / figures[base]:.2f} of {base}"

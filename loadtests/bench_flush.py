@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from server import storage
 from server.batch import Batch, seal_window
 from server.embedded import EmbeddedPostgres
 from server.flusher import Flusher
-from server.metrics import Metrics
+from server.metrics import Metrics, resident_bytes
 from server.spool import Spool
 
 BUCKET = 1_800_000_000
@@ -50,11 +49,6 @@ def fill(counters: Counters, keys: int, bucket: int = BUCKET) -> None:
         counters.add(
             bucket, f"campaign-{n % 50}", f"creative-{n % 997}", f"aff-{n}", "", IMPRESSIONS
         )
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 async def stall_while_flushing(
@@ -155,9 +149,9 @@ def measure() -> dict[str, float]:
     # Memory first, in a process that has not freed any heap yet to reuse.
     counters = Counters(max_keys=2_000_000)
     fill(counters, 1)
-    before = rss_bytes()
+    before = resident_bytes()
     fill(counters, 1_000_000)
-    figures["bytes_per_key"] = (rss_bytes() - before) / 1_000_000
+    figures["bytes_per_key"] = (resident_bytes() - before) / 1_000_000
     print(f"resident memory: {figures['bytes_per_key']:.0f} bytes per live key at 1,000,000 keys")
     del counters
     with tempfile.TemporaryDirectory(prefix="pixel-bench-flush-") as name:

@@ -118,9 +118,10 @@ async def flush_cost(dsn: str, end: datetime) -> None:
                 for field in (IMPRESSIONS, MEASURABLE, VIEWABLE):
                     counters.add(*key, field)
             batches: list[Batch] = []
-            seal_window(counters.swap(), batches)  # FLUSH_ROWS keys: one batch
+            seal_window(counters.swap(), batches)
             began = time.perf_counter()
-            await storage.apply(connection, batches[0])
+            for batch in batches:
+                await storage.apply(connection, batch)
             seconds.append(time.perf_counter() - began)
     finally:
         await connection.close()

@@ -21,6 +21,7 @@ from aiohttp import web
 from server import metrics
 from server.app_keys import CONFIG, DSN, METRICS_SNAPSHOT
 from server.dsn import redact
+from server.logs import describe
 from server.report import MEASURES, RATES, iso_utc
 
 DEFAULT_HOURS = 6
@@ -124,8 +125,7 @@ async def summary(request: web.Request) -> web.Response:
         body["database"] = {"ok": False, "error": "no pixel_counts table yet"}
         return web.json_response(body, status=503)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-        body["database"] = {"ok": False, "error": f"{redact(dsn)}: {reason}"}
+        body["database"] = {"ok": False, "error": f"{redact(dsn)}: {describe(error)}"}
         return web.json_response(body, status=503)
     totals, *steps = series
     # An empty range still has its totals row, of NULL sums.

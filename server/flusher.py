@@ -37,7 +37,7 @@ BACKOFF_BASE = 0.5
 BACKOFF_CAP = 10.0
 CONNECT_TIMEOUT = 5.0
 
-# Errors after which the batch stays pending and the connection is opened anew.
+# Errors after which the batch stays pending and the connections are opened anew.
 _RETRYABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 # SQLSTATE classes that say nothing about the batch itself: connection exceptions, transaction
 # rollbacks (serialization failures, deadlocks), lack of resources, operator intervention
@@ -206,7 +206,7 @@ class Flusher:
         except Exception as error:
             # Anything else (a driver state left behind by an operation cut short, say) is a
             # bug to report, not a reason to stop flushing: the batch stays pending and the
-            # connection is opened anew, as after any failure.
+            # connections are opened anew, as after any failure.
             log.exception("unexpected error while writing to %s", redact(self._dsn))
             self._failed(error)
             return

@@ -29,6 +29,11 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
+def describe(error: BaseException) -> str:
+    """An error as one line for people: its type, and its message when it has one."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
 def configure(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(MalformedRequestFilter())

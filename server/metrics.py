@@ -316,7 +316,8 @@ _COMBINE: dict[Merge, Callable[[float, float], float]] = {
 }
 
 
-def _resident_bytes() -> float:
+def resident_bytes() -> int:
+    """This process's resident memory (Linux: /proc/self/statm)."""
     with open("/proc/self/statm", encoding="ascii") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -326,7 +327,7 @@ def _open_fds() -> float:
 
 
 _PROCESS_GAUGES: tuple[tuple[str, str, Callable[[], float]], ...] = (
-    ("process_resident_memory_bytes", "Resident memory size in bytes", _resident_bytes),
+    ("process_resident_memory_bytes", "Resident memory size in bytes", resident_bytes),
     ("process_open_fds", "Number of open file descriptors", _open_fds),
 )
 

@@ -25,6 +25,7 @@ import orjson
 from server import config as settings
 from server import embedded
 from server.dsn import redact
+from server.logs import describe
 from server.report import DIMENSIONS, MEASURES, RATES, TIMES, Query, Value, as_dicts, fetch, iso_utc
 
 CONNECT_TIMEOUT = 10.0
@@ -186,7 +187,7 @@ async def print_report(
     try:
         connection = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     except _DATABASE_ERRORS as error:
-        _say(f"cannot connect to the database {redact(dsn)}: {_reason(error)}", err)
+        _say(f"cannot connect to the database {redact(dsn)}: {describe(error)}", err)
         return 1
     try:
         rows = await fetch(connection, query)
@@ -194,7 +195,7 @@ async def print_report(
         _say(f"no pixel_counts table in {redact(dsn)}: pixel-server serve creates it", err)
         return 1
     except _DATABASE_ERRORS as error:
-        _say(f"the report failed on {redact(dsn)}: {_reason(error)}", err)
+        _say(f"the report failed on {redact(dsn)}: {describe(error)}", err)
         return 1
     finally:
         await connection.close()
@@ -249,10 +250,6 @@ def _cell(column: str, value: Value) -> str:
     if value == "" and column not in TIMES:
         return "(none)"
     return str(value)
-
-
-def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _say(message: str, err: TextIO | None = None) -> None:

@@ -82,7 +82,7 @@ async def migrate(connection: Any) -> list[int]:
 
 
 async def connect(dsn: str, timeout: float) -> Any:
-    """Opens the flusher's connection, brings the schema up to date, prepares staging."""
+    """Opens a flusher connection, brings the schema up to date, prepares staging."""
     connection = await asyncpg.connect(dsn, timeout=timeout, command_timeout=COMMAND_TIMEOUT)
     try:
         applied = await migrate(connection)

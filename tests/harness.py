@@ -19,6 +19,7 @@ from server.batch import Batch, seal_window
 __all__ = [
     "DatabaseProxy",
     "PixelServer",
+    "Row",
     "batch_of",
     "batch_rows",
     "copy_rows",

@@ -18,11 +18,10 @@ import pytest
 
 import _fastcount
 import _fastcount._counters_py
-from tests.harness import copy_rows
+from server.metrics import resident_bytes
+from tests.harness import Row, copy_rows
 
-Row = tuple[int, str, str, str, str, int, int, int, int, int, int]
-
-NO_EXTENSIONS = bool(os.environ.get("FASTCOUNT_NO_EXTENSIONS"))
+NO_EXTENSIONS = _fastcount.NO_EXTENSIONS
 PUBLIC_NAMES = {
     "CLICKS",
     "COLUMNS",
@@ -412,11 +411,6 @@ def test_keys_of_every_size(counters_impl: ModuleType) -> None:
 
 
 # -------------------------------------------------------------------- memory
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc/self/statm")
