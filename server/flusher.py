@@ -116,6 +116,7 @@ class Flusher:
     async def flush(self) -> None:
         """Seals the current window, applies what is pending unless in backoff, and spools
         what the database did not take."""
+        await self._spool.refresh()
         await self._seal()
         if asyncio.get_running_loop().time() >= self._retry_at:
             await self._apply_pending(CONNECT_TIMEOUT)
@@ -136,6 +137,7 @@ class Flusher:
             )
         except TimeoutError:
             self._failed(TimeoutError("no answer within half the shutdown timeout"))
+        await self._spool.refresh()
         await self._spool_in_memory()
         lost = [item for item in self._pending if item.path is None]
         if lost:

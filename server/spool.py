@@ -5,21 +5,36 @@ so a spooled batch survives a crash or power loss whole or not at all. Files are
 time they were spooled, so they are applied oldest first, and removed once applied. A batch
 PostgreSQL rejects for good goes to ``dead-letter/`` beside them, with the error; moving such a
 file back into the spool folder applies it again at the next start.
+
+The worker processes of one server share the folder. A temporary name carries the pid of its
+writer, so a starting process removes only what a dead one left, never a sibling's file in
+the making. The count and size of the files on disk are read in a worker thread, once per
+flush (:meth:`Spool.refresh`), never on the event loop that answers the pixels.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from server.batch import Batch
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".batch"
+PARTIAL = ".partial"
+
+
+class Usage(NamedTuple):
+    """What the spool folder holds, as last counted."""
+
+    batches: int
+    bytes: int
 
 
 class Spool:
@@ -29,34 +44,52 @@ class Spool:
         self.max_bytes = max_bytes
         directory.mkdir(parents=True, exist_ok=True)
         self.dead_letter_directory.mkdir(exist_ok=True)
-        for partial in directory.glob("*.partial"):
-            partial.unlink()  # a write cut short by a crash: never renamed, never counted
+        for partial in [
+            *directory.glob("*" + PARTIAL),
+            *self.dead_letter_directory.glob("*" + PARTIAL),
+        ]:
+            if not _writer_alive(partial):
+                # A write cut short by a crash: never renamed, never counted.
+                partial.unlink(missing_ok=True)
+        self.usage = self.scan()
 
     def paths(self) -> list[Path]:
         """The spooled batches on disk, oldest first."""
         return sorted(self.directory.glob("*" + SUFFIX))
 
+    def scan(self) -> Usage:
+        """Counts the files on disk, so processes sharing the folder all see the same figures.
+        Blocking: call it from a thread, or :meth:`refresh`."""
+        paths = self.paths()
+        total = 0
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):  # applied meanwhile by another process
+                total += path.stat().st_size
+        return Usage(len(paths), total)
+
+    async def refresh(self) -> None:
+        """Counts the files on disk again, in a worker thread."""
+        self.usage = await asyncio.to_thread(self.scan)
+
     @property
     def batches(self) -> int:
-        """Counted on disk, so processes sharing the folder all see the same figure."""
-        return len(self.paths())
+        return self.usage.batches
 
     @property
     def bytes(self) -> int:
-        total = 0
-        for path in self.paths():
-            with contextlib.suppress(FileNotFoundError):  # applied meanwhile by another process
-                total += path.stat().st_size
-        return total
+        return self.usage.bytes
 
     @property
     def over_budget(self) -> bool:
-        return self.bytes >= self.max_bytes
+        return self.usage.bytes >= self.max_bytes
 
     def write(self, batch: Batch) -> Path:
-        """Writes a batch durably; returns its file. Blocking: call it from a thread."""
+        """Writes a batch durably and counts it; returns its file. Blocking: call it from a
+        thread."""
         path = self.directory / f"{time.time_ns():020d}-{batch.batch_id}{SUFFIX}"
-        _write_durably(path, batch.to_bytes())
+        data = batch.to_bytes()
+        _write_durably(path, data)
+        self.usage = Usage(self.usage.batches + 1, self.usage.bytes + len(data))
         return path
 
     def read(self, path: Path) -> Batch:
@@ -64,7 +97,10 @@ class Spool:
 
     def remove(self, path: Path) -> None:
         """Forgets an applied batch (another process may have removed it already)."""
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            size = path.stat().st_size
+            path.unlink()
+            self.usage = Usage(self.usage.batches - 1, self.usage.bytes - size)
 
     def dead_letter(self, batch: Batch, error: str, path: Path | None) -> Path:
         """Keeps a batch PostgreSQL rejected, with the error, out of the way of the others."""
@@ -81,8 +117,22 @@ class Spool:
         return target
 
 
+def _writer_alive(partial: Path) -> bool:
+    """Whether another live process is writing ``partial`` (``NAME.PID.partial``)."""
+    pid = partial.name.removesuffix(PARTIAL).rpartition(".")[2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
 def _write_durably(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}")
     with open(partial, "wb") as file:
         file.write(data)
         file.flush()

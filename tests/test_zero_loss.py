@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -199,6 +200,36 @@ def test_spool_files_are_whole_or_absent(tmp_path: Path) -> None:
     assert Spool(tmp_path, max_bytes=1000).bytes == spool.bytes  # a restart finds them
     spool.remove(path)
     assert spool.batches == 1 and not path.exists()
+
+
+def test_a_starting_worker_leaves_a_siblings_spool_write_alone(tmp_path: Path) -> None:
+    """Workers share the spool folder: a half-written file is removed at start only when the
+    process writing it is gone."""
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    with subprocess.Popen(["sleep", "30"]) as sibling:
+        try:
+            writing = tmp_path / f"00000000000000000001-a.batch.{sibling.pid}.partial"
+            left_by_crash = tmp_path / f"00000000000000000002-b.batch.{finished.pid}.partial"
+            left_by_old_version = tmp_path / "00000000000000000003-c.batch.partial"
+            for path in (writing, left_by_crash, left_by_old_version):
+                path.write_bytes(b'{"batch_id": "cut sh')
+            Spool(tmp_path, max_bytes=1000)
+            assert sorted(tmp_path.glob("*.partial")) == [writing]
+        finally:
+            sibling.kill()
+
+
+async def test_spool_figures_follow_other_processes_after_refresh(tmp_path: Path) -> None:
+    ours, theirs = Spool(tmp_path, 1 << 20), Spool(tmp_path, 1 << 20)
+    batch = batch_of((60, "c", "", "", "", 1, 0, 0, 0, 0, 0))
+    path = theirs.write(batch)
+    assert (ours.batches, theirs.batches) == (0, 1)
+    await ours.refresh()
+    assert (ours.batches, ours.bytes) == (1, path.stat().st_size)
+    theirs.remove(path)
+    await ours.refresh()
+    assert (ours.batches, ours.bytes) == (0, 0)
 
 
 async def test_memory_cap_drops_are_counted_and_logged(
