@@ -1,8 +1,9 @@
 """Build logic only: the metadata lives in pyproject.toml.
 
-Compiles _fastcount/_counters_c.pyx. A compiler error fails the install: only
-`import _fastcount` falls back to the pure-Python twin, never the build.
-Set FASTCOUNT_NO_EXTENSIONS to a non-empty value to skip the extension.
+Compiles _fastcount/_counters_c.pyx and _fastcount/_http_c.pyx. A compiler
+error fails the install: only `import _fastcount` falls back to the pure-Python
+twins, never the build. Set FASTCOUNT_NO_EXTENSIONS to a non-empty value to
+skip the extensions.
 """
 
 import os
@@ -26,10 +27,11 @@ else:
     ext_modules = cythonize(
         [
             Extension(
-                "_fastcount._counters_c",
-                ["_fastcount/_counters_c.pyx"],
+                f"_fastcount.{name}",
+                [f"_fastcount/{name}.pyx"],
                 extra_compile_args=extra_compile_args,
             )
+            for name in ("_counters_c", "_http_c")
         ],
         compiler_directives={
             "language_level": "3",

@@ -47,10 +47,29 @@ counts for new keys go to that bucket's row ``(bucket, OVERFLOW_CAMPAIGN, "",
 "", "")`` and are added up in ``overflowed``: memory stays bounded whatever the
 query strings hold, and no count is dropped.
 
-Two implementations with the same behaviour: the compiled ``_counters_c``
-(C hash tables, no allocation to count an existing key) and the pure-Python
-``_counters_py``. The compiled one is used unless the environment variable
-``FASTCOUNT_NO_EXTENSIONS`` is non-empty, or it cannot be imported (not built).
+A server can count a pixel request from the bytes it received, with no Python
+object made per parameter: :class:`GetScanner` finds a complete request of the
+one simple shape, a keep-alive ``GET`` of the pixel's path, in those bytes, and
+:meth:`Counters.add_query` counts its query string when it is plain::
+
+    >>> scanner = GetScanner(b"/i.gif", max_line_size=4096, max_field_size=8190)
+    >>> data = (
+    ...     b"GET /i.gif?cid=summer-sale&cb=17 HTTP/1.1\\r\\n"
+    ...     b"Host: t.example\\r\\nUser-Agent: Mozilla/5.0\\r\\n\\r\\n"
+    ... )
+    >>> end, head_only, query_start, query_end, user_agent = scanner.scan(data, 0)
+    >>> end == len(data), head_only, data[query_start:query_end], user_agent
+    (True, False, b'cid=summer-sale&cb=17', 'Mozilla/5.0')
+    >>> counters.add_query(bucket, data, query_start, query_end, IMPRESSIONS, 128)
+    True
+    >>> counters.swap().drain(1)
+    [(1700000000, 'summer-sale', '', '', '', 1, 0, 0, 0, 0, 0)]
+
+Two implementations of each, with the same behaviour: the compiled
+``_counters_c`` (C hash tables, no allocation to count an existing key) and
+``_http_c``, and the pure-Python ``_counters_py`` and ``_http_py``. The compiled
+ones are used unless the environment variable ``FASTCOUNT_NO_EXTENSIONS`` is
+non-empty, or they cannot be imported (not built).
 """
 
 import os
@@ -65,8 +84,10 @@ __all__ = (
     "IMPRESSIONS",
     "MEASURABLE",
     "OVERFLOW_CAMPAIGN",
+    "QUERY_PARAMETERS",
     "VIEWABLE",
     "Counters",
+    "GetScanner",
     "Window",
 )
 
@@ -76,11 +97,14 @@ if sys.implementation.name != "cpython":
 
 if TYPE_CHECKING or NO_EXTENSIONS:
     from . import _counters_py as _engine
+    from . import _http_py as _http
 else:
     try:
         from . import _counters_c as _engine
+        from . import _http_c as _http
     except ImportError:  # not built: see setup.py
         from . import _counters_py as _engine
+        from . import _http_py as _http
 
 CLICKS = _engine.CLICKS
 COLUMNS = _engine.COLUMNS
@@ -89,6 +113,8 @@ GIVT_IMPRESSIONS = _engine.GIVT_IMPRESSIONS
 IMPRESSIONS = _engine.IMPRESSIONS
 MEASURABLE = _engine.MEASURABLE
 OVERFLOW_CAMPAIGN = _engine.OVERFLOW_CAMPAIGN
+QUERY_PARAMETERS = _engine.QUERY_PARAMETERS
 VIEWABLE = _engine.VIEWABLE
 Counters = _engine.Counters
 Window = _engine.Window
+GetScanner = _http.GetScanner

@@ -64,6 +64,7 @@ cdef class Counters:
     cdef int64_t _overflowed
     cdef Arena _arena            # the entries of the window being counted
 
+    cdef int _count(self, Key *key, uint64_t h, int64_t f, int64_t k) except -1
     cdef int _add_new(
         self, Shard *s, Entry **slot, Key *key, uint64_t h, int64_t field, int64_t n
     ) except -1

@@ -9,6 +9,7 @@ __all__ = (
     "IMPRESSIONS",
     "MEASURABLE",
     "OVERFLOW_CAMPAIGN",
+    "QUERY_PARAMETERS",
     "VIEWABLE",
     "Counters",
     "Window",
@@ -29,6 +30,7 @@ COLUMNS: Final = (
     "givt_clicks",
 )
 OVERFLOW_CAMPAIGN: Final = "__overflow__"
+QUERY_PARAMETERS: Final = ("cid", "crid", "aff", "sub")
 
 @final
 class Counters:
@@ -43,6 +45,9 @@ class Counters:
         field: int,
         n: int = 1,
     ) -> None: ...
+    def add_query(
+        self, bucket: int, data: bytes, start: int, end: int, field: int, max_value_bytes: int
+    ) -> bool: ...
     def swap(self) -> Window: ...
     def __len__(self) -> int: ...
     @property

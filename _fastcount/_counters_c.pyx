@@ -23,12 +23,15 @@ from libc.string cimport memcmp, memcpy, memset
 
 cdef extern from *:
     """
-    /* Key hash: the bucket and the four CPython str hashes, folded with the
-       xxHash64 round and finished with its avalanche. The str hashes are
-       SipHash with the per-process random key (PYTHONHASHSEED), so crafted
-       query strings cannot aim collisions at one probe chain: the same
-       protection a dict keyed by these strings has. CPython caches the hash on
-       the str, so a str that is counted again is not hashed again. */
+    /* Key hash: the bucket and the hashes of the four dimensions' UTF-8
+       bytes, folded with the xxHash64 round and finished with its avalanche.
+       A dimension's hash is CPython's hash of those bytes: SipHash with the
+       per-process random key (PYTHONHASHSEED), so crafted query strings cannot
+       aim collisions at one probe chain, the same protection a dict keyed by
+       these strings has. For an ASCII str it is the str's own hash, which
+       CPython caches on the str: a str that is counted again is not hashed
+       again, and a key counted from raw query bytes (add_query) hashes as the
+       same key counted from str. */
     #define FC_P1 0x9E3779B185EBCA87ULL
     #define FC_P2 0xC2B2AE3D27D4EB4FULL
     #define FC_P3 0x165667B19E3779F9ULL
@@ -43,9 +46,19 @@ cdef extern from *:
         h ^= h >> 32;
         return h;
     }
+    static inline uint64_t fc_bytes_hash(const char *p, Py_ssize_t size) {
+    #if PY_VERSION_HEX >= 0x030D0000
+        return (uint64_t)Py_HashBuffer(p, size);
+    #else
+        return (uint64_t)_Py_HashBytes(p, size);
+    #endif
+    }
     /* Both helpers take exact str objects only (Cython checks the
-       arguments), and stay inline for the cases of every hit. */
-    static inline uint64_t fc_str_hash(PyObject *s) {
+       arguments), and stay inline for the cases of every hit. fc_dim_hash
+       takes the UTF-8 bytes fc_utf8 gave for s. */
+    static inline uint64_t fc_dim_hash(PyObject *s, const char *utf8, Py_ssize_t size) {
+        if (!PyUnicode_IS_COMPACT_ASCII(s))
+            return fc_bytes_hash(utf8, size);
     #ifdef Py_GIL_DISABLED
         return (uint64_t)PyObject_Hash(s);
     #else
@@ -97,7 +110,8 @@ cdef extern from *:
     const uint64_t FC_P3
     uint64_t fc_round(uint64_t acc, uint64_t word) nogil
     uint64_t fc_finish(uint64_t h) nogil
-    uint64_t fc_str_hash(object s)
+    uint64_t fc_bytes_hash(const char *p, Py_ssize_t size)
+    uint64_t fc_dim_hash(object s, const char *utf8, Py_ssize_t size)
     const char *fc_utf8(object s, Py_ssize_t *size) except NULL
     void fc_prefetch(const void *p) nogil
     void *fc_pages_new(size_t size) nogil
@@ -128,6 +142,7 @@ __all__ = (
     "IMPRESSIONS",
     "MEASURABLE",
     "OVERFLOW_CAMPAIGN",
+    "QUERY_PARAMETERS",
     "VIEWABLE",
     "Counters",
     "Window",
@@ -149,8 +164,66 @@ cdef enum:
     # 1/16 of it.
     LARGE_ENTRY = SLAB_BYTES >> 4
 
-cdef str _OVERFLOW = OVERFLOW_CAMPAIGN
-cdef str _EMPTY = ""
+# The query parameters of the four dimensions, in key order.
+QUERY_PARAMETERS = ("cid", "crid", "aff", "sub")
+
+# The bytes a plain query may hold besides "&" and "=": printable ASCII
+# but "%" and "+", so that every value is its own text.
+cdef bint PLAIN[256]
+cdef int _byte
+for _byte in range(256):
+    PLAIN[_byte] = 0x21 <= _byte <= 0x7E and _byte != 0x25 and _byte != 0x2B
+
+
+cdef int query_parameter(const unsigned char *name, Py_ssize_t size) noexcept nogil:
+    """The dimension a query parameter name gives (0-3), or -1."""
+    if size == 3 and memcmp(name, b"cid", 3) == 0:
+        return 0
+    if size == 4 and memcmp(name, b"crid", 4) == 0:
+        return 1
+    if size == 3 and memcmp(name, b"aff", 3) == 0:
+        return 2
+    if size == 3 and memcmp(name, b"sub", 3) == 0:
+        return 3
+    return -1
+
+
+cdef bint parse_plain_query(
+    const unsigned char *query, Py_ssize_t size, Py_ssize_t max_value_bytes, Key *key
+) noexcept nogil:
+    """Points key's dimensions into a plain query (see Counters.add_query);
+    0 for any other query."""
+    cdef Py_ssize_t pos = 0, pair_end, name_end, value, i
+    cdef int dimension
+    cdef unsigned seen = 0
+    for dimension in range(NDIMS):
+        key.dims[dimension] = b""
+        key.lens[dimension] = 0
+    while True:
+        pair_end = pos
+        while pair_end < size and query[pair_end] != 0x26:  # "&"
+            pair_end += 1
+        name_end = pos
+        while name_end < pair_end and query[name_end] != 0x3D:  # "="
+            if not PLAIN[query[name_end]]:
+                return 0
+            name_end += 1
+        dimension = query_parameter(query + pos, name_end - pos)
+        if dimension >= 0:
+            if seen & (1u << dimension):
+                return 0
+            seen |= 1u << dimension
+            value = name_end + 1 if name_end < pair_end else pair_end
+            if pair_end - value > max_value_bytes:
+                return 0
+            for i in range(value, pair_end):
+                if not PLAIN[query[i]]:
+                    return 0
+            key.dims[dimension] = <const char *>query + value
+            key.lens[dimension] = pair_end - value
+        if pair_end >= size:
+            return 1
+        pos = pair_end + 1
 
 
 # -------------------------------------------------------------------- arenas
@@ -204,15 +277,21 @@ cdef inline char *entry_data(Entry *e) noexcept nogil:
     return <char *>(e + 1)
 
 
-cdef inline uint64_t key_hash(
-    int64_t bucket, str campaign, str creative, str affiliate, str sub_id
-) noexcept:
+cdef inline uint64_t key_hash(int64_t bucket, const uint64_t *dim_hashes) noexcept nogil:
     cdef uint64_t h = fc_round(FC_P3, <uint64_t>bucket)
-    h = fc_round(h, fc_str_hash(campaign))
-    h = fc_round(h, fc_str_hash(creative))
-    h = fc_round(h, fc_str_hash(affiliate))
-    h = fc_round(h, fc_str_hash(sub_id))
+    cdef int i
+    for i in range(NDIMS):
+        h = fc_round(h, dim_hashes[i])
     return fc_finish(h)
+
+
+cdef inline uint64_t bytes_key_hash(const Key *key) noexcept:
+    """The hash of a key whose dimensions are raw bytes, not str."""
+    cdef uint64_t dim_hashes[NDIMS]
+    cdef int i
+    for i in range(NDIMS):
+        dim_hashes[i] = fc_bytes_hash(key.dims[i], key.lens[i])
+    return key_hash(key.bucket, dim_hashes)
 
 
 cdef inline bint entry_matches(const Entry *e, const Key *key, uint64_t h) noexcept nogil:
@@ -728,20 +807,61 @@ cdef class Counters:
             raise ValueError(f"n must be >= 1, got {n}")
         if self._shards == NULL:
             raise RuntimeError("Counters.__init__() was not called")
+        cdef uint64_t dim_hashes[NDIMS]
         key.dims[0] = fc_utf8(campaign, &key.lens[0])
+        dim_hashes[0] = fc_dim_hash(campaign, key.dims[0], key.lens[0])
         key.dims[1] = fc_utf8(creative, &key.lens[1])
+        dim_hashes[1] = fc_dim_hash(creative, key.dims[1], key.lens[1])
         key.dims[2] = fc_utf8(affiliate, &key.lens[2])
+        dim_hashes[2] = fc_dim_hash(affiliate, key.dims[2], key.lens[2])
         key.dims[3] = fc_utf8(sub_id, &key.lens[3])
-        cdef uint64_t h = key_hash(key.bucket, campaign, creative, affiliate, sub_id)
+        dim_hashes[3] = fc_dim_hash(sub_id, key.dims[3], key.lens[3])
+        self._count(&key, key_hash(key.bucket, dim_hashes), f, k)
+
+    def add_query(
+        self,
+        bucket,
+        bytes data not None,
+        Py_ssize_t start,
+        Py_ssize_t end,
+        field,
+        Py_ssize_t max_value_bytes,
+    ):
+        """Adds 1 to one field of the row named by the raw query string
+        data[start:end], and returns True, when that query is plain: see
+        QUERY_PARAMETERS. Returns False, counting nothing, for any other query,
+        which the caller then parses in full.
+        """
+        cdef Key key
+        key.bucket = as_int64(bucket)
+        cdef int64_t f = as_int64(field)
+        if <uint64_t>f >= NFIELDS:
+            raise ValueError(f"field must be 0..{NFIELDS - 1}, got {field}")
+        if not 0 <= start <= end <= len(data):
+            raise ValueError(f"not a slice of data: {start}:{end} of {len(data)} bytes")
+        if self._shards == NULL:
+            raise RuntimeError("Counters.__init__() was not called")
+        if not parse_plain_query(
+            <const unsigned char *>PyBytes_AS_STRING(data) + start,
+            end - start,
+            max_value_bytes,
+            &key,
+        ):
+            return False
+        self._count(&key, bytes_key_hash(&key), f, 1)
+        return True
+
+    cdef int _count(self, Key *key, uint64_t h, int64_t f, int64_t k) except -1:
         cdef Shard *s = &self._shards[(h >> 32) & self._shard_mask]
-        cdef Entry **slot = shard_find(s, &key, h)
+        cdef Entry **slot = shard_find(s, key, h)
         cdef Entry *e = slot[0]
         if e != NULL:
             if e.counts[f] > INT64_MAX - k:
                 raise OverflowError("counter would exceed 2**63 - 1")
             e.counts[f] += k
         else:
-            self._add_new(s, slot, &key, h, f, k)
+            self._add_new(s, slot, key, h, f, k)
+        return 0
 
     cdef int _add_new(
         self, Shard *s, Entry **slot, Key *key, uint64_t h, int64_t field, int64_t n
@@ -765,7 +885,7 @@ cdef class Counters:
         key.lens[0] = 12
         for i in range(1, NDIMS):
             key.lens[i] = 0
-        h = key_hash(key.bucket, _OVERFLOW, _EMPTY, _EMPTY, _EMPTY)
+        h = bytes_key_hash(key)
         s = &self._shards[(h >> 32) & self._shard_mask]
         slot = shard_find(s, key, h)
         cdef Entry *e = slot[0]

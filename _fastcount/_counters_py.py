@@ -11,6 +11,7 @@ engine's comparison of UTF-8 bytes.
 from __future__ import annotations
 
 import operator
+import re
 import struct
 import threading
 from collections.abc import Callable
@@ -24,6 +25,7 @@ __all__ = (
     "IMPRESSIONS",
     "MEASURABLE",
     "OVERFLOW_CAMPAIGN",
+    "QUERY_PARAMETERS",
     "VIEWABLE",
     "Counters",
     "Window",
@@ -44,6 +46,13 @@ COLUMNS: Final = (
     "givt_clicks",
 )
 OVERFLOW_CAMPAIGN: Final = "__overflow__"
+# The query parameters of the four dimensions, in key order.
+QUERY_PARAMETERS: Final = ("cid", "crid", "aff", "sub")
+_QUERY_DIMENSIONS: Final = {
+    name.encode(): position for position, name in enumerate(QUERY_PARAMETERS)
+}
+# Printable ASCII but "%" and "+": a value of such bytes is its own text.
+_PLAIN: Final = re.compile(rb"[!-$&-*,-~]*").fullmatch
 
 _NFIELDS: Final = len(COLUMNS)
 _INT64_MIN: Final = -(2**63)
@@ -157,6 +166,49 @@ class Counters:
             raise OverflowError("counter would exceed 2**63 - 1")
         else:
             row[field] += n
+
+    def add_query(
+        self, bucket: int, data: bytes, start: int, end: int, field: int, max_value_bytes: int
+    ) -> bool:
+        """Adds 1 to one field of the row named by the raw query string
+        data[start:end], and returns True, when that query is plain. Returns
+        False, counting nothing, for any other query, which the caller then
+        parses in full.
+
+        Plain: every parameter name, and every value of a dimension's
+        parameter (QUERY_PARAMETERS), is printable ASCII but "%" and "+", no
+        dimension's parameter comes twice, and none of their values is longer
+        than max_value_bytes. Parameters are split at "&", a name from its
+        value at the first "="; a missing dimension is "", other parameters
+        are ignored.
+        """
+        bucket = _int64(bucket)
+        field_ = _int64(field)
+        if not 0 <= field_ < _NFIELDS:
+            raise ValueError(f"field must be 0..{_NFIELDS - 1}, got {field}")
+        if type(data) is not bytes:
+            raise TypeError(
+                f"Argument 'data' has incorrect type (expected bytes, got {type(data).__name__})"
+            )
+        start, end, max_value_bytes = (operator.index(x) for x in (start, end, max_value_bytes))
+        if not 0 <= start <= end <= len(data):
+            raise ValueError(f"not a slice of data: {start}:{end} of {len(data)} bytes")
+        values: list[str] = ["", "", "", ""]
+        seen = 0
+        for pair in data[start:end].split(b"&"):
+            name, _, value = pair.partition(b"=")
+            if not _PLAIN(name):
+                return False
+            position = _QUERY_DIMENSIONS.get(name)
+            if position is None:
+                continue
+            if seen & (1 << position) or len(value) > max_value_bytes or not _PLAIN(value):
+                return False
+            seen |= 1 << position
+            values[position] = value.decode("ascii")
+        campaign, creative, affiliate, sub_id = values
+        self.add(bucket, campaign, creative, affiliate, sub_id, field_)
+        return True
 
     def _add_new(self, key: _Key, field: int, n: int) -> None:
         # Only keys that got in through here are stored, so an existing key

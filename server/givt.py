@@ -43,7 +43,12 @@ def classify(headers: Mapping[str, str]) -> str | None:
         or headers.get("X-Moz", "") == "prefetch"
     ):
         return PREFETCH
-    user_agent = headers.get("User-Agent", "").strip()
+    return classify_user_agent(headers.get("User-Agent", "").strip())
+
+
+def classify_user_agent(user_agent: str) -> str | None:
+    """The GIVT reason of a request that is not a prefetch, by its User-Agent (without the
+    spaces around it), or ``None`` for a human one."""
     if not user_agent:
         return EMPTY_USER_AGENT
     if is_bot(user_agent):

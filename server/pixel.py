@@ -10,7 +10,7 @@ from aiohttp import web
 from _fastcount import GIVT_IMPRESSIONS, IMPRESSIONS
 from server import givt
 from server.app_keys import CONFIG, COUNTERS, METRICS
-from server.query import Dimensions, Rejected, parse_dimensions
+from server.query import MAX_VALUE_BYTES, Dimensions, Rejected, parse_dimensions
 
 # The smallest transparent GIF89a: 1x1, one transparent colour.
 GIF = (
@@ -65,30 +65,48 @@ def record_event(
         if givt_field is None:
             return
         field = givt_field
+    app[COUNTERS].add(current_bucket(app), *dimensions, field)
+
+
+def current_bucket(app: web.Application) -> int:
+    """The unix time the current bucket started."""
     width = app[CONFIG].bucket_seconds
     now = int(time.time())
-    app[COUNTERS].add(now - now % width, *dimensions, field)
+    return now - now % width
 
 
 def count(request: web.Request, human_field: int, givt_field: int) -> None:
     """Counts one event of a GET request, or its rejection reason; never raises for bad input."""
-    count_query(request.app, raw_query(request), request.headers, human_field, givt_field)
+    query = raw_query(request)
+    count_query(
+        request.app, query, 0, len(query), givt.classify(request.headers), human_field, givt_field
+    )
 
 
 def count_query(
     app: web.Application,
-    query: bytes,
-    headers: Mapping[str, str],
+    data: bytes,
+    start: int,
+    end: int,
+    givt_reason: str | None,
     human_field: int,
     givt_field: int,
 ) -> None:
-    """Counts one event from the raw query string and the headers of a request."""
-    try:
-        dimensions = parse_dimensions(query)
-    except Rejected as rejected:
-        app[METRICS].rejected[rejected.reason] += 1
-        return
-    record_event(app, headers, dimensions, human_field, givt_field)
+    """Counts one event from the raw query string ``data[start:end]``: to ``givt_field`` when
+    the request has a GIVT reason (:func:`server.givt.classify`), else to ``human_field``. The
+    counter engine takes a plain query as it is; any other is parsed here."""
+    counters = app[COUNTERS]
+    bucket = current_bucket(app)
+    field = human_field if givt_reason is None else givt_field
+    if not counters.add_query(bucket, data, start, end, field, MAX_VALUE_BYTES):
+        try:
+            dimensions = parse_dimensions(data[start:end])
+        except Rejected as rejected:
+            app[METRICS].rejected[rejected.reason] += 1
+            return
+        counters.add(bucket, *dimensions, field)
+    if givt_reason is not None:
+        app[METRICS].givt[givt_reason] += 1
 
 
 async def impression(request: web.Request) -> web.Response:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from _fastcount import QUERY_PARAMETERS
+
 MAX_VALUE_BYTES = 128
 
 # Query parameter -> position in Dimensions.
-_DIMENSION_PARAMS = {"cid": 0, "crid": 1, "aff": 2, "sub": 3}
+_DIMENSION_PARAMS = {name: position for position, name in enumerate(QUERY_PARAMETERS)}
 
 # C0 controls, DEL and C1 controls.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")

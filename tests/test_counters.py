@@ -19,6 +19,7 @@ import pytest
 import _fastcount
 import _fastcount._counters_py
 from server.metrics import resident_bytes
+from server.query import parse_dimensions
 from tests.harness import Row, copy_rows
 
 NO_EXTENSIONS = _fastcount.NO_EXTENSIONS
@@ -31,6 +32,7 @@ PUBLIC_NAMES = {
     "IMPRESSIONS",
     "MEASURABLE",
     "OVERFLOW_CAMPAIGN",
+    "QUERY_PARAMETERS",
     "VIEWABLE",
     "Window",
 }
@@ -107,7 +109,7 @@ def test_reimport_with_no_extensions_uses_pure_python() -> None:
 
 
 def test_public_names(counters_impl: ModuleType) -> None:
-    assert set(counters_impl.__all__) == PUBLIC_NAMES == set(_fastcount.__all__)
+    assert set(counters_impl.__all__) == PUBLIC_NAMES == set(_fastcount.__all__) - {"GetScanner"}
     py = _fastcount._counters_py
     for name in PUBLIC_NAMES - {"Counters", "Window"}:
         assert getattr(counters_impl, name) == getattr(py, name), name
@@ -233,6 +235,95 @@ def test_drained_strings_are_plain_str(counters_impl: ModuleType) -> None:
     assert type(bucket) is int
     assert all(type(value) in (str, int) for value in rest)
     assert [type(value) for value in rest[:4]] == [str] * 4
+
+
+# -------------------------------------------------------- raw query strings
+
+
+def test_add_query_counts_a_plain_query_as_add_would(counters_impl: ModuleType) -> None:
+    counters = counters_impl.Counters()
+    data = b"GET /i.gif?cb=1&sub=s&cid=c&crid=cr&aff=a&x HTTP/1.1"
+    start, end = data.index(b"?") + 1, data.index(b" HTTP")
+    assert counters.add_query(B, data, start, end, counters_impl.IMPRESSIONS, 128) is True
+    assert counters.add_query(B, b"cid=c&crid=cr&aff=a&sub=s", 0, 25, counters_impl.CLICKS, 128)
+    counters.add(B, "c", "cr", "a", "s", counters_impl.IMPRESSIONS)
+    assert drain_all(counters.swap()) == [row(B, "c", "cr", "a", "s", counts=(2, 0, 0, 0, 1, 0))]
+
+
+@pytest.mark.parametrize(
+    ("query", "dimensions"),
+    [
+        (b"", ("", "", "", "")),
+        (b"cid", ("", "", "", "")),
+        (b"cid=a=b&&sub=", ("a=b", "", "", "")),
+        (b"cb=%zz\xff\x00 &cid=a&cid2=b", ("a", "", "", "")),
+        (b"aff=" + b"x" * 128, ("", "", "x" * 128, "")),
+        (b"sub=!$'()*,;:@/?~", ("", "", "", "!$'()*,;:@/?~")),
+    ],
+)
+def test_add_query_shapes(
+    counters_impl: ModuleType, query: bytes, dimensions: tuple[str, ...]
+) -> None:
+    counters = counters_impl.Counters()
+    assert counters.add_query(B, query, 0, len(query), counters_impl.IMPRESSIONS, 128)
+    assert drain_all(counters.swap()) == [row(B, *dimensions)]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"cid=a%20b",
+        b"cid=a+b",
+        b"cid=a b",
+        b"cid=\xc3\xa9",
+        b"cid=a\x00",
+        b"cid=a&cid=b",
+        b"c%69d=a",
+        b"ci+d=a&cid=b",
+        b"x\xff=1&cid=a",
+        b"cid=" + b"x" * 129,
+    ],
+)
+def test_add_query_leaves_other_queries_to_the_caller(
+    counters_impl: ModuleType, query: bytes
+) -> None:
+    counters = counters_impl.Counters()
+    assert counters.add_query(B, query, 0, len(query), counters_impl.IMPRESSIONS, 128) is False
+    assert len(counters) == 0
+
+
+def test_add_query_agrees_with_the_full_parse(counters_impl: ModuleType) -> None:
+    """Whatever add_query takes, server.query parses to the same key; add() of that key
+    then counts into the same row."""
+    rng = random.Random(3)
+    pieces = [b"cid", b"crid", b"aff", b"sub", b"cb", b"=", b"&", b"a", b"B", b"%2F", b"+"]
+    pieces += [b"\xc3\xa9", b"\x00", b" ", b"~", b"c", b"d", b"x" * 60]
+    taken = 0
+    for _ in range(5000):
+        query = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        counters = counters_impl.Counters()
+        if not counters.add_query(B, query, 0, len(query), counters_impl.IMPRESSIONS, 128):
+            assert len(counters) == 0
+            continue
+        taken += 1
+        dimensions = parse_dimensions(query)
+        counters.add(B, *dimensions, counters_impl.IMPRESSIONS)
+        assert drain_all(counters.swap()) == [row(B, *dimensions, counts=(2, 0, 0, 0, 0, 0))]
+    assert taken > 500
+
+
+def test_add_query_errors(counters_impl: ModuleType) -> None:
+    counters = counters_impl.Counters()
+    for start, end in ((-1, 3), (2, 1), (0, 4)):
+        with pytest.raises(ValueError, match="not a slice"):
+            counters.add_query(B, b"cid", start, end, 0, 128)
+    with pytest.raises(ValueError, match="field"):
+        counters.add_query(B, b"cid", 0, 3, 6, 128)
+    with pytest.raises(TypeError):
+        counters.add_query(B, "cid", 0, 3, 0, 128)
+    with pytest.raises(OverflowError):
+        counters.add_query(2**63, b"cid", 0, 3, 0, 128)
+    assert len(counters) == 0
 
 
 # ---------------------------------------------------------------- swap, drain

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections.abc import Callable
 
 from server.pixel import GIF
@@ -145,3 +147,53 @@ async def test_fast_and_normal_paths_answer_alike_and_in_order(
     assert server.terminate() == 0
     rows = await fetch(database, "SELECT campaign, impressions FROM pixel_counts ORDER BY 1")
     assert [tuple(row) for row in rows] == [("fast", 2), ("normal", 1)]
+
+
+def exchange_in_pieces(port: int, pieces: list[bytes]) -> bytes:
+    """Sends each piece on its own, a moment apart, so the server reads them apart; returns
+    the answers until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in pieces:
+            connection.sendall(piece)
+            time.sleep(0.05)
+        chunks = []
+        while chunk := connection.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_a_request_cut_across_reads_and_the_requests_after_it(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    """A pixel request that arrives in pieces is read by aiohttp's parser; the requests behind
+    it are answered in order, each pixel counted once."""
+    server = pixel_server(f"--dsn={database}", "--flush-interval=0.1")
+
+    def pixel(campaign: bytes, connection: bytes = b"") -> bytes:
+        return (
+            b"GET /i.gif?cid=" + campaign + b" HTTP/1.1\r\nHost: t\r\n"
+            b"User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n" + connection + b"\r\n"
+        )
+
+    cut = pixel(b"cut")
+    pieces = [
+        pixel(b"whole") + cut[:20],
+        cut[20:-3],
+        cut[-3:] + pixel(b"after"),
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + pixel(b"pipelined"),
+        pixel(b"last", b"Connection: close\r\n"),
+    ]
+    answers = responses(await asyncio.to_thread(exchange_in_pieces, server.port, pieces))
+    assert [body for _, _, body in answers] == [TRANSPARENT_GIF] * 3 + [b"ok\n"] + [
+        TRANSPARENT_GIF
+    ] * 2
+    assert server.terminate() == 0
+    rows = await fetch(database, "SELECT campaign, impressions FROM pixel_counts ORDER BY 1")
+    assert [tuple(row) for row in rows] == [
+        ("after", 1),
+        ("cut", 1),
+        ("last", 1),
+        ("pipelined", 1),
+        ("whole", 1),
+    ]
