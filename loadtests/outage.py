@@ -6,8 +6,9 @@
 It starts a PostgreSQL cluster of its own (the embedded binaries) and a ``pixel-server``, sends
 paced pixel requests, stops PostgreSQL (a real fast shutdown), starts it again, lets the server
 catch up, stops it with SIGTERM and reconciles every answered request with ``pixel_counts``.
-It prints sent / stored / duplicated / lost and the pixel latency before, during and after the
-outage, and exits 1 unless lost and duplicated are both 0.
+It prints sent / stored / extra / lost and the pixel latency before, during and after the
+outage, and exits 1 unless lost and extra are both 0 (extra: stored beyond what was answered,
+counted twice or never sent).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class OutageReport:
         lines = [
             f"sent        {result.sent}",
             f"stored      {result.stored}",
-            f"duplicated  {result.extra}",
+            f"extra       {result.extra}",
             f"lost        {result.missing}",
             f"failed      {self.failed_requests} (requests not answered 200 with the GIF)",
             "pixel latency, ms   requests      p50      p99",

@@ -45,7 +45,11 @@ class PixelServer:
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
-        self.wait_until_serving()
+        try:
+            self.wait_until_serving()
+        except BaseException:
+            self.kill()  # never left running behind an object its caller never got
+            raise
 
     def wait_until_serving(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

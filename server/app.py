@@ -74,6 +74,16 @@ def make_app(config: Config, dsn: str) -> web.Application:
     return app
 
 
+def snapshot_of(pixel_app: web.Application) -> Callable[[], Awaitable[Snapshot]]:
+    """The metrics of one pixel app, as :func:`make_admin_app` takes them."""
+    metrics = pixel_app[METRICS]
+
+    async def this_process() -> Snapshot:
+        return metrics.snapshot()
+
+    return this_process
+
+
 async def _flushing(app: web.Application) -> AsyncIterator[None]:
     """Runs the flusher; on shutdown, after the last request, makes the final flush."""
     flusher = app[FLUSHER]
@@ -92,25 +102,18 @@ async def _flushing(app: web.Application) -> AsyncIterator[None]:
 
 
 def make_admin_app(
-    pixel_app: web.Application,
-    metrics_snapshot: Callable[[], Awaitable[Snapshot]] | None = None,
+    config: Config, dsn: str, metrics_snapshot: Callable[[], Awaitable[Snapshot]]
 ) -> web.Application:
-    """The private app on the admin port: ``/metrics`` and the operator page.
+    """The private app on the admin port: ``/metrics`` and the operator page, which reads the
+    database at ``dsn``.
 
-    ``metrics_snapshot`` gives the metrics it reports; by default the pixel app's. With several
-    worker processes, pass one that returns ``server.metrics.merge`` of every worker's
-    ``Metrics.snapshot()``: ``/metrics`` and the page then cover them all.
+    ``metrics_snapshot`` gives the metrics it reports: :func:`snapshot_of` a pixel app's, or,
+    with several worker processes, ``server.metrics.merge`` of every worker's
+    ``Metrics.snapshot()``, so that ``/metrics`` and the page cover them all.
     """
     admin = web.Application()
-    admin[CONFIG] = pixel_app[CONFIG]
-    admin[DSN] = pixel_app[DSN]
-    if metrics_snapshot is None:
-        metrics = pixel_app[METRICS]
-
-        async def this_process() -> Snapshot:
-            return metrics.snapshot()
-
-        metrics_snapshot = this_process
+    admin[CONFIG] = config
+    admin[DSN] = dsn
     admin[METRICS_SNAPSHOT] = metrics_snapshot
 
     async def metrics_page(request: web.Request) -> web.Response:

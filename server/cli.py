@@ -17,7 +17,7 @@ from aiohttp import web
 
 from server import clicks, logs, protocol, report_command, snippet, supervisor
 from server import config as settings
-from server.app import make_admin_app, make_app
+from server.app import make_admin_app, make_app, snapshot_of
 from server.app_keys import METRICS
 from server.config import Config
 from server.dsn import redact
@@ -195,7 +195,7 @@ async def _serve(config: Config, dsn: str) -> int:
     runner = web.AppRunner(
         app, handle_signals=False, shutdown_timeout=config.shutdown_timeout, **handler_args
     )
-    admin = make_admin_app(app)
+    admin = make_admin_app(config, dsn, snapshot_of(app))
     # A worker of --workers: the port is shared, and the admin app is for the supervisor only.
     worker_socket = os.environ.get(supervisor.WORKER_SOCKET)
     if worker_socket:

@@ -187,7 +187,11 @@ class Flusher:
         try:
             if len(self._connections) < self._connection_count:
                 while len(self._connections) < self._connection_count:
-                    self._connections.append(await storage.connect(self._dsn, connect_timeout))
+                    # The first connection of a set brings the schema up to date.
+                    connection = await storage.connect(
+                        self._dsn, connect_timeout, migrating=not self._connections
+                    )
+                    self._connections.append(connection)
                 log.info("connected to %s", redact(self._dsn))
             # Each connection takes the oldest batch no other has taken, until none is left;
             # one that fails stops, and the others finish what is left.

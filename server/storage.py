@@ -81,13 +81,15 @@ async def migrate(connection: Any) -> list[int]:
     return applied
 
 
-async def connect(dsn: str, timeout: float) -> Any:
-    """Opens a flusher connection, brings the schema up to date, prepares staging."""
+async def connect(dsn: str, timeout: float, *, migrating: bool = True) -> Any:
+    """Opens a flusher connection, brings the schema up to date unless told it is already
+    (``migrating=False``), prepares staging."""
     connection = await asyncpg.connect(dsn, timeout=timeout, command_timeout=COMMAND_TIMEOUT)
     try:
-        applied = await migrate(connection)
-        if applied:
-            log.info("applied schema migrations %s", ", ".join(map(str, applied)))
+        if migrating:
+            applied = await migrate(connection)
+            if applied:
+                log.info("applied schema migrations %s", ", ".join(map(str, applied)))
         await connection.execute(_STAGING)
     except BaseException:
         await connection.close(timeout=timeout)

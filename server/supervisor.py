@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from server.app import make_admin_app, make_app
+from server.app import make_admin_app
 from server.config import SETTINGS, Config
 from server.metrics import Snapshot, merge
 
@@ -105,7 +105,7 @@ class Supervisor:
     async def run(self) -> int:
         """Supervises until SIGTERM or SIGINT; returns the exit status."""
         config = self._config
-        admin = make_admin_app(make_app(config, self._dsn), metrics_snapshot=self._gather)
+        admin = make_admin_app(config, self._dsn, self._gather)
         admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
         await admin_runner.setup()
         stopping = asyncio.Event()

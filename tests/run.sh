@@ -14,7 +14,11 @@ fi
 # The viewability tests drive Debian's chromium through Playwright, which cannot download a
 # browser here.
 if [ ! -x /usr/bin/chromium ]; then
-    apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        sudo="sudo"  # apt-get needs root
+    fi
+    $sudo apt-get update -q
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 fi
 exec .venv/bin/python -m pytest "$@"
