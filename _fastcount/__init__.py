@@ -35,8 +35,9 @@ its file header::
     >>> import struct
     >>> counters.add(bucket, "summer-sale", "", "", "", CLICKS)
     >>> copy = counters.swap().drain_copy(5_000)
-    >>> struct.unpack_from(">hiq", copy)  # 11 fields; the first, 8 bytes long: the bucket
-    (11, 8, 1700000000)
+    >>> fields, size, when = struct.unpack_from(">hiq", copy)  # the first field: the bucket
+    >>> fields, size, when == (bucket - 946_684_800) * 1_000_000  # as a timestamptz
+    (11, 8, True)
     >>> len(copy)
     113
 
@@ -89,6 +90,7 @@ __all__ = (
     "Counters",
     "GetScanner",
     "Window",
+    "last_copy_tuple",
 )
 
 NO_EXTENSIONS = bool(os.environ.get("FASTCOUNT_NO_EXTENSIONS"))
@@ -118,3 +120,4 @@ VIEWABLE = _engine.VIEWABLE
 Counters = _engine.Counters
 Window = _engine.Window
 GetScanner = _http.GetScanner
+last_copy_tuple = _engine.last_copy_tuple

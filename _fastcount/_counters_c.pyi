@@ -13,6 +13,7 @@ __all__ = (
     "VIEWABLE",
     "Counters",
     "Window",
+    "last_copy_tuple",
 )
 
 IMPRESSIONS: Final = 0
@@ -67,3 +68,5 @@ class Window:
         self, limit: int
     ) -> list[tuple[int, str, str, str, str, int, int, int, int, int, int]]: ...
     def drain_copy(self, limit: int) -> bytes: ...
+
+def last_copy_tuple(tuples: bytes) -> int: ...

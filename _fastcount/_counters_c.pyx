@@ -16,7 +16,17 @@ from cpython.pythread cimport (
     PyThread_release_lock,
 )
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.stdint cimport INT64_MAX, UINT32_MAX, int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport (
+    INT64_MAX,
+    INT64_MIN,
+    UINT32_MAX,
+    int16_t,
+    int32_t,
+    int64_t,
+    uint16_t,
+    uint32_t,
+    uint64_t,
+)
 from libc.stdlib cimport calloc, free, malloc, qsort
 from libc.string cimport memcmp, memcpy, memset
 
@@ -146,6 +156,7 @@ __all__ = (
     "VIEWABLE",
     "Counters",
     "Window",
+    "last_copy_tuple",
 )
 
 cdef enum:
@@ -610,6 +621,22 @@ cdef Py_ssize_t copy_size(Entry **rows, Py_ssize_t n) noexcept nogil:
     return size
 
 
+cdef enum:
+    PG_EPOCH = 946684800  # 2000-01-01 00:00:00 UTC in unix seconds
+cdef int64_t PG_SECONDS = INT64_MAX // 1000000  # as many as int64 microseconds hold
+
+
+cdef inline int64_t pg_timestamp(int64_t seconds) noexcept nogil:
+    """Unix seconds as PostgreSQL's timestamptz: microseconds since its epoch;
+    past what int64 holds, PostgreSQL's -infinity (INT64_MIN) or infinity
+    (INT64_MAX)."""
+    if seconds > PG_EPOCH + PG_SECONDS:
+        return INT64_MAX
+    if seconds < PG_EPOCH - PG_SECONDS:
+        return INT64_MIN
+    return (seconds - PG_EPOCH) * 1000000
+
+
 cdef unsigned char *copy_tuple(unsigned char *p, Entry *e) noexcept nogil:
     """Writes e as one tuple of PostgreSQL's binary COPY format, all integers
     big-endian; returns the end. Empty dimensions are empty text, not NULL."""
@@ -617,7 +644,7 @@ cdef unsigned char *copy_tuple(unsigned char *p, Entry *e) noexcept nogil:
     cdef int i
     p = put_be16(p, COPY_FIELDS)
     p = put_be32(p, 8)
-    p = put_be64(p, <uint64_t>e.bucket)
+    p = put_be64(p, <uint64_t>pg_timestamp(e.bucket))
     for i in range(NDIMS):
         p = put_be32(p, e.lens[i])
         memcpy(p, data, e.lens[i])
@@ -627,6 +654,42 @@ cdef unsigned char *copy_tuple(unsigned char *p, Entry *e) noexcept nogil:
         p = put_be32(p, 8)
         p = put_be64(p, <uint64_t>e.counts[i])
     return p
+
+
+def last_copy_tuple(bytes tuples not None):
+    """Where the last of these binary COPY tuples starts (each a 16-bit field
+    count, then each field as a 32-bit length, -1 for NULL, and its bytes;
+    big-endian). A ValueError unless there is one at least, and the last ends
+    where the bytes do."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(tuples)
+    cdef Py_ssize_t size = len(tuples), at = 0, last = -1
+    cdef int fields, i
+    cdef int32_t length
+    with nogil:
+        while at < size:
+            last = at
+            if size - at < 2:
+                at = -1
+                break
+            fields = <int16_t>((p[at] << 8) | p[at + 1])
+            at += 2
+            for i in range(fields):
+                if size - at < 4:
+                    at = -1
+                    break
+                length = <int32_t>((<uint32_t>p[at] << 24) | (<uint32_t>p[at + 1] << 16)
+                                   | (<uint32_t>p[at + 2] << 8) | p[at + 3])
+                at += 4
+                if length > 0:
+                    if size - at < length:
+                        at = -1
+                        break
+                    at += length
+            if at < 0:
+                break
+    if last < 0 or at != size:
+        raise ValueError("not binary COPY tuples, or the last one is cut short")
+    return last
 
 
 # -------------------------------------------------------------------- shards
@@ -1016,8 +1079,10 @@ cdef class Window:
         tuples of PostgreSQL's binary COPY format; b"" once empty.
 
         The bytes hold no file header or trailer. Each tuple has 11 fields:
-        the bucket (bigint), the four dimensions (text as UTF-8; an empty one
-        is empty, never NULL), the six counts (bigint), in COLUMNS order.
+        the bucket (timestamptz: microseconds since 2000-01-01 UTC; -infinity
+        or infinity past what that holds), the four dimensions (text as
+        UTF-8; an empty one is empty, never NULL), the six counts (bigint), in
+        COLUMNS order: the columns of pixel_counts.
         drain() and drain_copy() take from the same rows. The window's memory
         is freed with its last row.
         """

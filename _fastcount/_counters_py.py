@@ -29,6 +29,7 @@ __all__ = (
     "VIEWABLE",
     "Counters",
     "Window",
+    "last_copy_tuple",
 )
 
 IMPRESSIONS: Final = 0
@@ -59,6 +60,7 @@ _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 _MAX_SHARDS: Final = 1 << 16
 _MAX_DIMENSION_BYTES: Final = 2**32 - 1
+_PG_EPOCH: Final = 946_684_800  # 2000-01-01 00:00:00 UTC in unix seconds
 
 _Key = tuple[int, str, str, str, str]
 _Row = tuple[int, str, str, str, str, int, int, int, int, int, int]
@@ -72,6 +74,8 @@ _T = TypeVar("_T")
 _COPY_FIELDS: Final = 1 + 4 + _NFIELDS  # bucket, the four dimensions, the counts
 _COPY_BUCKET: Final = struct.Struct(">hiq")  # field count, length 8, bucket
 _COPY_LENGTH: Final = struct.Struct(">I")
+_COPY_FIELD_COUNT: Final = struct.Struct(">h")
+_COPY_FIELD_LENGTH: Final = struct.Struct(">i")
 _COPY_COUNTS: Final = struct.Struct(">" + "iq" * _NFIELDS)  # length 8, count; per field
 
 
@@ -335,8 +339,10 @@ class Window:
         tuples of PostgreSQL's binary COPY format; b"" once empty.
 
         The bytes hold no file header or trailer. Each tuple has 11 fields:
-        the bucket (bigint), the four dimensions (text as UTF-8; an empty one
-        is empty, never NULL), the six counts (bigint), in COLUMNS order.
+        the bucket (timestamptz: microseconds since 2000-01-01 UTC; -infinity
+        or infinity past what that holds), the four dimensions (text as
+        UTF-8; an empty one is empty, never NULL), the six counts (bigint), in
+        COLUMNS order: the columns of pixel_counts.
         drain() and drain_copy() take from the same rows. Drained rows free
         their memory.
         """
@@ -400,11 +406,47 @@ def _rows_of(keys: list[_Key], rows: dict[_Key, list[int]]) -> list[_Row]:
     return drained
 
 
+def last_copy_tuple(tuples: bytes) -> int:
+    """Where the last of these binary COPY tuples starts (each a 16-bit field
+    count, then each field as a 32-bit length, -1 for NULL, and its bytes;
+    big-endian). A ValueError unless there is one at least, and the last ends
+    where the bytes do."""
+    if type(tuples) is not bytes:
+        raise TypeError(
+            f"Argument 'tuples' has incorrect type (expected bytes, got {type(tuples).__name__})"
+        )
+    at, last = 0, -1
+    try:
+        while at < len(tuples):
+            last = at
+            (fields,) = _COPY_FIELD_COUNT.unpack_from(tuples, at)
+            at += 2
+            for _ in range(fields):
+                (length,) = _COPY_FIELD_LENGTH.unpack_from(tuples, at)
+                at += 4 + max(length, 0)
+    except struct.error:
+        at = -1
+    if last < 0 or at != len(tuples):
+        raise ValueError("not binary COPY tuples, or the last one is cut short")
+    return last
+
+
+def _pg_timestamp(seconds: int) -> int:
+    """Unix seconds as PostgreSQL's timestamptz: microseconds since its epoch;
+    past what int64 holds, PostgreSQL's -infinity or infinity."""
+    micros = (seconds - _PG_EPOCH) * 1_000_000
+    if micros > _INT64_MAX:
+        return _INT64_MAX
+    if micros < _INT64_MIN:
+        return _INT64_MIN
+    return micros
+
+
 def _copy_of(keys: list[_Key], rows: dict[_Key, list[int]]) -> bytes:
     parts: list[bytes] = []
     for key in keys:
         bucket, *dimensions = key
-        parts.append(_COPY_BUCKET.pack(_COPY_FIELDS, 8, bucket))
+        parts.append(_COPY_BUCKET.pack(_COPY_FIELDS, 8, _pg_timestamp(bucket)))
         for dimension in dimensions:
             encoded = dimension.encode()
             parts.append(_COPY_LENGTH.pack(len(encoded)))

@@ -3,8 +3,9 @@
 The id is written to the ``flush_batches`` ledger in the same transaction as the counts, so a
 batch retried after an ambiguous failure, or replayed from the spool, is applied once.
 
-A batch holds its rows as the counter engine encodes them: PostgreSQL binary COPY tuples in
-key order, ready to stream into the staging table. No Python object is made per row, so
+A batch holds its rows as the counter engine encodes them: PostgreSQL binary COPY tuples of
+``pixel_counts``' columns in key order, ready to stream into the table or the staging table.
+No Python object is made per row, so
 sealing a window of a million keys costs the event loop next to nothing: the engine sorts and
 encodes in a worker thread, without the GIL.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from _fastcount import Window
+from _fastcount import Window, last_copy_tuple
 
 # Rows per batch, at most. A bigger window makes several batches, which the flusher merges
 # over several connections at once; each is a transaction of its own, short enough that a
@@ -36,18 +37,39 @@ BATCH_ROWS = 100_000
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 COPY_TRAILER = struct.pack(">h", -1)
 
+# A key as a tuple holds it: the bucket as timestamptz microseconds, then the dimensions.
+Key = tuple[int, str, str, str, str]
+_INT16 = struct.Struct(">h")
+_INT32 = struct.Struct(">i")
+_INT64 = struct.Struct(">q")
+_PG_EPOCH = 946_684_800  # 2000-01-01 00:00:00 UTC in unix seconds
+
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
     batch_id: uuid.UUID
     rows: int
     tuples: bytes  # the rows as binary COPY tuples, in key order
+    last_tuple: int  # where the last of them starts
+
+    def first_key(self) -> Key:
+        return _key_at(self.tuples, 0)
+
+    def last_key(self) -> Key:
+        return _key_at(self.tuples, self.last_tuple)
 
     def to_bytes(self, **extra: Any) -> bytes:
-        """The batch as a spool file: one JSON line (``{"batch_id": ..., "rows": ...}`` and
-        any ``extra``), then the rows as a complete binary COPY file, which psql's ``\\copy``
-        loads into ``pixel_staging`` as it is."""
-        head = orjson.dumps({"batch_id": str(self.batch_id), "rows": self.rows, **extra})
+        """The batch as a spool file: one JSON line (``{"batch_id": ..., "rows": ...,
+        "last_tuple": ...}`` and any ``extra``), then the rows as a complete binary COPY file,
+        which psql's ``\\copy`` loads into ``pixel_counts`` or ``pixel_staging`` as it is."""
+        head = orjson.dumps(
+            {
+                "batch_id": str(self.batch_id),
+                "rows": self.rows,
+                "last_tuple": self.last_tuple,
+                **extra,
+            }
+        )
         return b"".join((head, b"\n", COPY_HEADER, self.tuples, COPY_TRAILER))
 
     @classmethod
@@ -63,7 +85,50 @@ class Batch:
         if type(rows) is not int or rows < 1:
             raise ValueError(f"not a spooled batch: rows is {rows!r}")
         tuples = copy[len(COPY_HEADER) : len(copy) - len(COPY_TRAILER)]
-        return cls(uuid.UUID(str(document.get("batch_id"))), rows, tuples)
+        last_tuple = document.get("last_tuple")
+        if last_tuple is None:
+            # Written before the buckets were timestamptz: they are unix seconds (bigint).
+            tuples, last_tuple, count = _seconds_to_timestamptz(tuples)
+            if count != rows:
+                raise ValueError(f"not a spooled batch: {count} tuples, {rows} rows")
+        if type(last_tuple) is not int or not 0 <= last_tuple < len(tuples):
+            raise ValueError(f"not a spooled batch: last_tuple is {last_tuple!r}")
+        return cls(uuid.UUID(str(document.get("batch_id"))), rows, tuples, last_tuple)
+
+
+def _key_at(tuples: bytes, start: int) -> Key:
+    """The key of the tuple at ``start``: its field count, the bucket's length and value, then
+    each dimension's length and UTF-8."""
+    (when,) = _INT64.unpack_from(tuples, start + 6)
+    at = start + 14
+    dimensions = []
+    for _ in range(4):
+        (size,) = _INT32.unpack_from(tuples, at)
+        dimensions.append(tuples[at + 4 : at + 4 + size].decode())
+        at += 4 + size
+    campaign, creative, affiliate, sub_id = dimensions
+    return when, campaign, creative, affiliate, sub_id
+
+
+def _seconds_to_timestamptz(tuples: bytes) -> tuple[bytes, int, int]:
+    """Tuples whose bucket is unix seconds, with it as timestamptz instead; where the last of
+    them starts; how many there are."""
+    try:
+        last = last_copy_tuple(tuples)
+    except ValueError as error:
+        raise ValueError(f"not a spooled batch: {error}") from None
+    converted = bytearray(tuples)
+    at = count = 0
+    while at < len(converted):
+        (seconds,) = _INT64.unpack_from(converted, at + 6)
+        _INT64.pack_into(converted, at + 6, (seconds - _PG_EPOCH) * 1_000_000)
+        count += 1
+        (fields,) = _INT16.unpack_from(converted, at)
+        at += 2
+        for _ in range(fields):
+            (size,) = _INT32.unpack_from(converted, at)
+            at += 4 + max(size, 0)
+    return bytes(converted), last, count
 
 
 def seal_window(window: Window, batches: list[Batch]) -> tuple[int, ...]:
@@ -73,7 +138,7 @@ def seal_window(window: Window, batches: list[Batch]) -> tuple[int, ...]:
     totals = window.totals
     while left := len(window):
         tuples = window.drain_copy(BATCH_ROWS)
-        batches.append(Batch(uuid.uuid4(), left - len(window), tuples))
+        batches.append(Batch(uuid.uuid4(), left - len(window), tuples, last_copy_tuple(tuples)))
     return totals
 
 

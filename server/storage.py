@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from _fastcount import COLUMNS as COUNT_COLUMNS
 from server.batch import COPY_HEADER, COPY_TRAILER, Batch
 
 log = logging.getLogger(__name__)
@@ -19,9 +20,12 @@ _MIGRATION_LOCK = 0x70697865  # "pixe"
 # Every statement ends within this, so a hung database never holds the flusher forever.
 COMMAND_TIMEOUT = 60.0
 
+# pixel_counts' columns, in the order of a batch's COPY tuples.
+COLUMNS = ("bucket", "campaign", "creative", "affiliate", "sub_id", *COUNT_COLUMNS)
+
 _STAGING = """
 CREATE TEMPORARY TABLE IF NOT EXISTS pixel_staging (
-    bucket bigint, campaign text, creative text, affiliate text, sub_id text,
+    bucket timestamptz, campaign text, creative text, affiliate text, sub_id text,
     impressions bigint, givt_impressions bigint, measurable bigint, viewable bigint,
     clicks bigint, givt_clicks bigint
 ) ON COMMIT DELETE ROWS
@@ -35,7 +39,7 @@ CREATE TEMPORARY TABLE IF NOT EXISTS pixel_staging (
 _MERGE = """
 INSERT INTO pixel_counts AS c (bucket, campaign, creative, affiliate, sub_id, impressions,
                                givt_impressions, measurable, viewable, clicks, givt_clicks)
-SELECT to_timestamp(bucket), campaign, creative, affiliate, sub_id, impressions,
+SELECT bucket, campaign, creative, affiliate, sub_id, impressions,
        givt_impressions, measurable, viewable, clicks, givt_clicks
 FROM pixel_staging
 ON CONFLICT (bucket, campaign, creative, affiliate, sub_id) DO UPDATE SET
@@ -97,8 +101,29 @@ async def connect(dsn: str, timeout: float, *, migrating: bool = True) -> Any:
     return connection
 
 
+# Whether either of two keys has a row. The buckets come as timestamptz microseconds.
+_EITHER_EXISTS = """
+SELECT EXISTS (
+    SELECT FROM pixel_counts
+    WHERE (bucket, campaign, creative, affiliate, sub_id) IN (
+        (timestamptz '2000-01-01 00:00:00+00' + $1 * interval '1 microsecond', $2, $3, $4, $5),
+        (timestamptz '2000-01-01 00:00:00+00' + $6 * interval '1 microsecond', $7, $8, $9, $10)
+    )
+)
+"""
+# Buckets this far from 2000 (about 146,000 years) take the merge, with no probe.
+_PROBED_MICROSECONDS = 1 << 62
+
+
 async def apply(connection: Any, batch: Batch) -> bool:
-    """Applies a batch in one transaction; returns False if the ledger says it already was."""
+    """Applies a batch in one transaction; returns False if the ledger says it already was.
+
+    The rows of a batch whose keys are new to the table are copied straight into it: about
+    twice as fast as the merge, which PostgreSQL makes a speculative insert per row. Neither
+    the batch's first nor its last key may have a row; and if any other key has one (or gets
+    one from another writer meanwhile), the copy fails on it, is rolled back to its
+    savepoint, and the batch is merged after all. A batch of existing keys, the usual case
+    for every flush of a bucket but its first, is merged at once."""
     async with connection.transaction():
         recorded = await connection.fetchval(
             "INSERT INTO flush_batches (batch_id, row_count) VALUES ($1, $2)"
@@ -108,9 +133,26 @@ async def apply(connection: Any, batch: Batch) -> bool:
         )
         if not recorded:
             return False
+        if await _all_new(connection, batch):
+            try:
+                async with connection.transaction():  # a savepoint
+                    await connection.copy_to_table(
+                        "pixel_counts", source=copy_file(batch), columns=COLUMNS, format="binary"
+                    )
+                return True
+            except asyncpg.UniqueViolationError:
+                pass  # a key has a row: merge
         await connection.copy_to_table("pixel_staging", source=copy_file(batch), format="binary")
         await connection.execute(_MERGE)
     return True
+
+
+async def _all_new(connection: Any, batch: Batch) -> bool:
+    """Whether the batch's keys look new to the table: its first and last have no row."""
+    first, last = batch.first_key(), batch.last_key()
+    if max(abs(first[0]), abs(last[0])) >= _PROBED_MICROSECONDS:
+        return False
+    return not await connection.fetchval(_EITHER_EXISTS, *first, *last)
 
 
 # A batch goes to the server in pieces of this size. asyncpg copies each into a message buffer

@@ -87,7 +87,8 @@ def batch_of(*rows: Row) -> Batch:
 
 def copy_rows(data: bytes) -> list[Row]:
     """Rows back from binary COPY tuples, by PostgreSQL's documented layout: a 16-bit field
-    count, then each field as a 32-bit length and its bytes (bigint: 8 bytes, big-endian)."""
+    count, then each field as a 32-bit length and its bytes (bigint: 8 bytes, big-endian;
+    timestamptz: a bigint of microseconds since 2000-01-01 UTC, given back as unix seconds)."""
     rows: list[Row] = []
     at = 0
     while at < len(data):
@@ -101,7 +102,8 @@ def copy_rows(data: bytes) -> list[Row]:
             values.append(data[at + 4 : at + 4 + length])
             at += 4 + length
         bucket, campaign, creative, affiliate, sub_id, a, b, c, d, e, f = values
-        (when,) = struct.unpack(">q", bucket)
+        (micros,) = struct.unpack(">q", bucket)
+        when = micros // 1_000_000 + 946_684_800
         dims = (dim.decode() for dim in (campaign, creative, affiliate, sub_id))
         counts = (struct.unpack(">q", value)[0] for value in (a, b, c, d, e, f))
         rows.append((when, *dims, *counts))

@@ -13,10 +13,11 @@ import aiohttp
 import pytest
 
 from _fastcount import IMPRESSIONS, Counters
-from server import batch
+from server import batch, storage
 from server.flusher import Flusher
 from server.metrics import Metrics
 from server.spool import Spool
+from tests import harness
 from tests.harness import PixelServer, fetch, totals_by_key
 
 REQUESTS = 20_000
@@ -146,3 +147,39 @@ async def test_a_window_bigger_than_a_batch_is_merged_exactly_over_every_connect
     (batches,) = await fetch(database, "SELECT count(*) FROM flush_batches WHERE row_count <= 7")
     assert batches[0] == 2 * 15  # ceil(100 / 7) per window
     assert flusher.pending_batches == 0
+
+
+@pytest.mark.parametrize(
+    "existing",
+    [
+        [],  # every key new: copied straight in
+        ["a"],  # the first key has a row: merged
+        ["m"],  # a key between new first and last keys: the copy fails on it, then merged
+        ["z"],  # the last key has a row: merged
+        ["a", "m", "z"],
+    ],
+)
+async def test_a_batch_of_new_keys_is_copied_and_one_with_any_existing_key_merged(
+    database: str, existing: list[str]
+) -> None:
+    campaigns = ["a", "b0", "b1", "m", "y0", "y1", "z"]
+    connection = await storage.connect(database, 10.0)
+    try:
+        for campaign in existing:
+            before = harness.batch_of((3600, campaign, "", "", "", 5, 0, 0, 0, 1, 0))
+            assert await storage.apply(connection, before)
+        rows = [(3600, campaign, "", "", "", 1, 0, 2, 1, 0, 0) for campaign in campaigns]
+        batch = harness.batch_of(*rows)
+        assert await storage.apply(connection, batch)
+        assert not await storage.apply(connection, batch)  # the ledger: once only
+    finally:
+        await connection.close()
+    stored = await fetch(
+        database,
+        "SELECT extract(epoch FROM bucket)::bigint, campaign, impressions, measurable, viewable,"
+        " clicks FROM pixel_counts ORDER BY campaign",
+    )
+    assert [tuple(row) for row in stored] == [
+        (3600, campaign, 6 if campaign in existing else 1, 2, 1, int(campaign in existing))
+        for campaign in campaigns
+    ]

@@ -35,6 +35,7 @@ PUBLIC_NAMES = {
     "QUERY_PARAMETERS",
     "VIEWABLE",
     "Window",
+    "last_copy_tuple",
 }
 B = 1_700_000_000  # a bucket start
 
@@ -111,7 +112,7 @@ def test_reimport_with_no_extensions_uses_pure_python() -> None:
 def test_public_names(counters_impl: ModuleType) -> None:
     assert set(counters_impl.__all__) == PUBLIC_NAMES == set(_fastcount.__all__) - {"GetScanner"}
     py = _fastcount._counters_py
-    for name in PUBLIC_NAMES - {"Counters", "Window"}:
+    for name in PUBLIC_NAMES - {"Counters", "Window", "last_copy_tuple"}:
         assert getattr(counters_impl, name) == getattr(py, name), name
     assert counters_impl.COLUMNS == (
         "impressions",
@@ -673,7 +674,10 @@ def test_drain_in_key_order(counters_impl: ModuleType, shards: int) -> None:
     counters = counters_impl.Counters(shards=shards)
     for i, key in added:
         counters.add(*key, 0, i + 1)
-    assert copy_rows(drain_copy_all(counters.swap(), 5)) == expected
+    copied = copy_rows(drain_copy_all(counters.swap(), 5))
+    # The first and last buckets are past timestamptz: -infinity and infinity in COPY.
+    assert copied[1:-1] == expected[1:-1]
+    assert [copied[0][1:], copied[-1][1:]] == [expected[0][1:], expected[-1][1:]]
 
 
 # Keys that share a prefix of up to 40 bytes of UTF-8 and then differ, at any byte of
@@ -722,8 +726,11 @@ def copy_field(data: bytes) -> bytes:
     return struct.pack(">i", len(data)) + data
 
 
+PG_EPOCH = 946_684_800  # PostgreSQL's timestamptz counts microseconds from here
+
+
 def copy_tuple(bucket: int, *dims: str, counts: tuple[int, ...]) -> bytes:
-    fields = [struct.pack(">q", bucket), *(d.encode() for d in dims)]
+    fields = [struct.pack(">q", (bucket - PG_EPOCH) * 1_000_000), *(d.encode() for d in dims)]
     fields += [struct.pack(">q", count) for count in counts]
     return struct.pack(">h", 11) + b"".join(copy_field(f) for f in fields)
 
@@ -738,7 +745,7 @@ def test_drain_copy_bytes(counters_impl: ModuleType) -> None:
     int8_0 = b"\x00\x00\x00\x08" + b"\x00" * 8
     first = (
         b"\x00\x0b"  # 11 fields
-        + b"\x00\x00\x00\x08" + b"\xff" * 8  # bucket -1
+        + b"\x00\x00\x00\x08" + struct.pack(">q", -946_684_801_000_000)  # bucket -1
         + b"\x00\x00\x00\x00" * 4  # four empty texts: length 0, not NULL (-1)
         + int8_0 * 3
         + b"\x00\x00\x00\x08" + b"\x00" * 7 + b"\x01"  # viewable 1
@@ -746,7 +753,8 @@ def test_drain_copy_bytes(counters_impl: ModuleType) -> None:
     )  # fmt: skip
     assert first == copy_tuple(-1, "", "", "", "", counts=(0, 0, 0, 1, 0, 0))
     second = copy_tuple(B, "é", "", "x", "", counts=(0, 1, 0, 0, 2**63 - 1, 0))
-    assert second[2:18] == b"\x00\x00\x00\x08" + B.to_bytes(8, "big") + b"\x00\x00\x00\x02"
+    micros = (B - PG_EPOCH) * 1_000_000
+    assert second[2:18] == b"\x00\x00\x00\x08" + micros.to_bytes(8, "big") + b"\x00\x00\x00\x02"
     assert second[18:20] == b"\xc3\xa9"
     third = copy_tuple(B + 60, "c", "cr", "a", "s", counts=(3, 0, 0, 0, 0, 0))
     assert window.drain_copy(2) == first + second
@@ -754,6 +762,24 @@ def test_drain_copy_bytes(counters_impl: ModuleType) -> None:
     assert window.drain_copy(2) == third
     assert window.drain_copy(2) == b""
     assert len(window) == 0
+
+
+def test_buckets_past_timestamptz_are_infinity(counters_impl: ModuleType) -> None:
+    counters = counters_impl.Counters()
+    last = PG_EPOCH + (2**63 - 1) // 1_000_000  # the last second int64 microseconds hold
+    first = PG_EPOCH - (2**63 - 1) // 1_000_000
+    for bucket in (2**63 - 1, last + 1, last, first, first - 1, -(2**63)):
+        counters.add(bucket, "c", "", "", "", 0)
+    copy = counters.swap().drain_copy(10)
+    starts = range(0, len(copy), len(copy) // 6)
+    assert [struct.unpack_from(">q", copy, at + 6)[0] for at in starts] == [
+        -(2**63),  # -infinity
+        -(2**63),
+        (first - PG_EPOCH) * 1_000_000,
+        (last - PG_EPOCH) * 1_000_000,
+        2**63 - 1,  # infinity
+        2**63 - 1,
+    ]
 
 
 @pytest.mark.skipif(NO_EXTENSIONS, reason="FASTCOUNT_NO_EXTENSIONS is set")
@@ -785,6 +811,24 @@ def test_drain_copy_same_bytes_from_both_engines() -> None:
     assert [r[:5] for r in rows] == sorted({r[:5] for r in rows})  # in key order, each once
     assert totals(rows) == list(c_window.totals)
     assert sum(r[1] == c_module.OVERFLOW_CAMPAIGN for r in rows) > 1
+
+
+def test_last_copy_tuple(counters_impl: ModuleType) -> None:
+    for keys in (1, 2, 37):
+        counters = counters_impl.Counters()
+        for n in range(keys):
+            counters.add(B, f"c{n:03}", "é" * n, "", "", 0)
+        window = counters.swap()
+        head = window.drain_copy(keys - 1) if keys > 1 else b""
+        tuples = head + window.drain_copy(1)
+        assert counters_impl.last_copy_tuple(tuples) == len(head)
+    for broken in (b"", tuples[:-1], tuples + b"\x00", tuples[:1]):
+        with pytest.raises(ValueError, match="not binary COPY tuples"):
+            counters_impl.last_copy_tuple(broken)
+    null = struct.pack(">hi", 1, -1)  # one field, NULL
+    assert counters_impl.last_copy_tuple(null + null) == len(null)
+    with pytest.raises(TypeError):
+        counters_impl.last_copy_tuple(bytearray(tuples))
 
 
 def test_drain_and_drain_copy_take_turns(counters_impl: ModuleType) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from _fastcount import COLUMNS, IMPRESSIONS, Counters, Window
 from loadtests import outage
 from server import batch as batch_module
 from server import storage
-from server.batch import Batch, seal, seal_window
+from server.batch import COPY_HEADER, COPY_TRAILER, Batch, seal, seal_window
 from server.embedded import EmbeddedPostgres
 from server.flusher import Flusher
 from server.metrics import Metrics
@@ -186,6 +187,24 @@ async def test_poison_batch_is_dead_lettered_and_later_batches_land(
     assert "dead-lettered" in server.log()
 
 
+def test_a_spool_file_from_before_timestamptz_buckets_is_read(tmp_path: Path) -> None:
+    """Spool files written while batches held buckets as unix seconds (no "last_tuple" in
+    their first line) are read with the buckets converted."""
+    batch = batch_of(
+        (1_700_000_040, "a", "", "", "", 1, 0, 0, 0, 0, 0),
+        (1_700_000_100, "b", "cr", "aff", "sub", 0, 0, 2, 1, 0, 0),
+    )
+    seconds = bytearray(batch.tuples)
+    for start in (0, batch.last_tuple):
+        (micros,) = struct.unpack_from(">q", seconds, start + 6)
+        struct.pack_into(">q", seconds, start + 6, micros // 1_000_000 + 946_684_800)
+    head = orjson.dumps({"batch_id": str(batch.batch_id), "rows": 2})
+    old = b"".join((head, b"\n", COPY_HEADER, seconds, COPY_TRAILER))
+    assert Batch.from_bytes(old) == batch
+    with pytest.raises(ValueError, match="not a spooled batch"):
+        Batch.from_bytes(b"".join((head, b"\n", COPY_HEADER, seconds[:-3], COPY_TRAILER)))
+
+
 def test_spool_files_are_whole_or_absent(tmp_path: Path) -> None:
     (tmp_path / "leftover.batch.partial").write_bytes(b'{"batch_id": "cut sh')
     spool = Spool(tmp_path, max_bytes=1000)
@@ -324,7 +343,10 @@ async def test_a_seal_that_fails_midway_hands_over_what_it_sealed(
     batches: list[Batch] = []
     with pytest.raises(MemoryError):
         await seal(FailingSecondTime(), batches.append, [0] * len(COLUMNS))  # type: ignore[arg-type]
-    assert [batch.rows for batch in batches] == [10]
+    (batch,) = batches
+    rows = batch_rows(batch)
+    assert [row[1] for row in rows] == sorted(f"c{n}" for n in range(25))[:10]
+    assert batch.last_key()[1:] == rows[-1][1:5]
     assert len(window) == 15  # the rest is still in the window, not half lost
 
 
