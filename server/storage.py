@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.resources
 import logging
 from collections.abc import AsyncIterator
@@ -101,18 +102,16 @@ async def connect(dsn: str, timeout: float, *, migrating: bool = True) -> Any:
     return connection
 
 
-# Whether either of two keys has a row. The buckets come as timestamptz microseconds.
+# Whether either of two keys has a row.
 _EITHER_EXISTS = """
 SELECT EXISTS (
     SELECT FROM pixel_counts
-    WHERE (bucket, campaign, creative, affiliate, sub_id) IN (
-        (timestamptz '2000-01-01 00:00:00+00' + $1 * interval '1 microsecond', $2, $3, $4, $5),
-        (timestamptz '2000-01-01 00:00:00+00' + $6 * interval '1 microsecond', $7, $8, $9, $10)
-    )
+    WHERE (bucket, campaign, creative, affiliate, sub_id)
+          IN (($1, $2, $3, $4, $5), ($6, $7, $8, $9, $10))
 )
 """
-# Buckets this far from 2000 (about 146,000 years) take the merge, with no probe.
-_PROBED_MICROSECONDS = 1 << 62
+# Where PostgreSQL's timestamptz counts its microseconds from.
+_POSTGRES_EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 
 
 async def apply(connection: Any, batch: Batch) -> bool:
@@ -133,7 +132,7 @@ async def apply(connection: Any, batch: Batch) -> bool:
         )
         if not recorded:
             return False
-        if await _all_new(connection, batch):
+        if await first_and_last_are_new(connection, batch):
             try:
                 async with connection.transaction():  # a savepoint
                     await connection.copy_to_table(
@@ -147,12 +146,16 @@ async def apply(connection: Any, batch: Batch) -> bool:
     return True
 
 
-async def _all_new(connection: Any, batch: Batch) -> bool:
-    """Whether the batch's keys look new to the table: its first and last have no row."""
-    first, last = batch.first_key(), batch.last_key()
-    if max(abs(first[0]), abs(last[0])) >= _PROBED_MICROSECONDS:
-        return False
-    return not await connection.fetchval(_EITHER_EXISTS, *first, *last)
+async def first_and_last_are_new(connection: Any, batch: Batch) -> bool:
+    """Whether the batch's first and last keys have no row: then its keys look new."""
+    keys = []
+    for micros, *dimensions in (batch.first_key(), batch.last_key()):
+        try:
+            bucket = _POSTGRES_EPOCH + datetime.timedelta(microseconds=micros)
+        except OverflowError:
+            return False  # past Python's datetime (year 9999): merged, with no probe
+        keys += [bucket, *dimensions]
+    return not await connection.fetchval(_EITHER_EXISTS, *keys)
 
 
 # A batch goes to the server in pieces of this size. asyncpg copies each into a message buffer

@@ -183,3 +183,31 @@ async def test_a_batch_of_new_keys_is_copied_and_one_with_any_existing_key_merge
         (3600, campaign, 6 if campaign in existing else 1, 2, 1, int(campaign in existing))
         for campaign in campaigns
     ]
+
+
+async def test_the_probe_finds_a_first_or_last_key_that_has_a_row(database: str) -> None:
+    connection = await storage.connect(database, 10.0)
+    try:
+        old = harness.batch_of((1_700_000_040, "m", "é", "", "", 1, 0, 0, 0, 0, 0))
+        assert await storage.first_and_last_are_new(connection, old)
+        assert await storage.apply(connection, old)
+        assert not await storage.first_and_last_are_new(connection, old)
+        for rows in (
+            [("m", "é"), ("z", "")],  # first
+            [("a", ""), ("m", "é")],  # last
+        ):
+            batch = harness.batch_of(
+                *((1_700_000_040, c, cr, "", "", 1, 0, 0, 0, 0, 0) for c, cr in rows)
+            )
+            assert not await storage.first_and_last_are_new(connection, batch)
+        around = harness.batch_of(
+            (1_700_000_040, "a", "", "", "", 1, 0, 0, 0, 0, 0),
+            (1_700_000_040, "m", "é", "", "", 1, 0, 0, 0, 0, 0),
+            (1_700_000_040, "z", "", "", "", 1, 0, 0, 0, 0, 0),
+            (1_700_000_100, "m", "é", "", "", 1, 0, 0, 0, 0, 0),  # another bucket
+        )
+        assert await storage.first_and_last_are_new(connection, around)
+        far = harness.batch_of((300_000_000_000, "m", "é", "", "", 1, 0, 0, 0, 0, 0))
+        assert not await storage.first_and_last_are_new(connection, far)  # past year 9999
+    finally:
+        await connection.close()
