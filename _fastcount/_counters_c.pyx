@@ -56,8 +56,12 @@ cdef extern from *:
         h ^= h >> 32;
         return h;
     }
+    #if PY_VERSION_HEX >= 0x030D0000 && PY_VERSION_HEX < 0x030E0000
+    /* Exported, but out of the headers, in 3.13 only; public as Py_HashBuffer from 3.14. */
+    PyAPI_FUNC(Py_hash_t) _Py_HashBytes(const void *src, Py_ssize_t len);
+    #endif
     static inline uint64_t fc_bytes_hash(const char *p, Py_ssize_t size) {
-    #if PY_VERSION_HEX >= 0x030D0000
+    #if PY_VERSION_HEX >= 0x030E0000
         return (uint64_t)Py_HashBuffer(p, size);
     #else
         return (uint64_t)_Py_HashBytes(p, size);

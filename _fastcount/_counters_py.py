@@ -186,15 +186,16 @@ class Counters:
         value at the first "="; a missing dimension is "", other parameters
         are ignored.
         """
-        bucket = _int64(bucket)
-        field_ = _int64(field)
-        if not 0 <= field_ < _NFIELDS:
-            raise ValueError(f"field must be 0..{_NFIELDS - 1}, got {field}")
+        # Same checks, same order, same errors as the compiled add_query().
         if type(data) is not bytes:
             raise TypeError(
                 f"Argument 'data' has incorrect type (expected bytes, got {type(data).__name__})"
             )
-        start, end, max_value_bytes = (operator.index(x) for x in (start, end, max_value_bytes))
+        start, end, max_value_bytes = (_int64(x) for x in (start, end, max_value_bytes))
+        bucket = _int64(bucket)
+        field_ = _int64(field)
+        if not 0 <= field_ < _NFIELDS:
+            raise ValueError(f"field must be 0..{_NFIELDS - 1}, got {field}")
         if not 0 <= start <= end <= len(data):
             raise ValueError(f"not a slice of data: {start}:{end} of {len(data)} bytes")
         values: list[str] = ["", "", "", ""]

@@ -63,7 +63,7 @@ cdef enum Verdict:
     OTHER_HEADER
     HOST
     USER_AGENT
-    KEEP_ALIVE
+    CONNECTION_KEEP_ALIVE
     REFUSED
 
 
@@ -76,7 +76,7 @@ cdef Verdict header_verdict(
     if lower_equals(name, name_size, b"user-agent"):
         return USER_AGENT
     if lower_equals(name, name_size, b"connection"):
-        return KEEP_ALIVE if lower_equals(value, value_size, b"keep-alive") else REFUSED
+        return CONNECTION_KEEP_ALIVE if lower_equals(value, value_size, b"keep-alive") else REFUSED
     if name_size >= 8 and lower_equals(name, 8, b"content-"):
         return REFUSED
     cdef int i

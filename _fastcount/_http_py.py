@@ -75,8 +75,8 @@ class GetScanner:
                 f"Argument 'path' has incorrect type (expected bytes, got {type(path).__name__})"
             )
         self._path = path
-        self._max_line_size = operator.index(max_line_size)
-        self._max_field_size = operator.index(max_field_size)
+        self._max_line_size = _ssize(max_line_size)
+        self._max_field_size = _ssize(max_field_size)
 
     def scan(self, data: bytes, start: int) -> Scanned | None:
         """``(end, head_only, query_start, query_end, user_agent)`` for the request of the
@@ -90,7 +90,7 @@ class GetScanner:
             raise TypeError(
                 f"Argument 'data' has incorrect type (expected bytes, got {type(data).__name__})"
             )
-        start = operator.index(start)
+        start = _ssize(start)
         if not 0 <= start <= len(data):
             raise ValueError(f"start {start} is not in data of {len(data)} bytes")
         if data.startswith(b"GET ", start):
@@ -144,6 +144,14 @@ class GetScanner:
         if not hosts:
             return None
         return at + 2, head_only, query_start, query_end, user_agent or ""
+
+
+def _ssize(value: int) -> int:
+    """What the compiled module's Py_ssize_t arguments accept: __index__, int64 range."""
+    number = operator.index(value)
+    if not -(2**63) <= number < 2**63:
+        raise OverflowError("Python int too large to convert to C ssize_t")
+    return number
 
 
 def _match_end(pattern: re.Pattern[bytes], data: bytes, at: int) -> int:

@@ -42,7 +42,9 @@ Key = tuple[int, str, str, str, str]
 _INT16 = struct.Struct(">h")
 _INT32 = struct.Struct(">i")
 _INT64 = struct.Struct(">q")
-_PG_EPOCH = 946_684_800  # 2000-01-01 00:00:00 UTC in unix seconds
+_KEY_HEAD = struct.Struct(">hiq")  # field count, the bucket's length, the bucket
+# Where PostgreSQL's timestamptz counts its microseconds from: 2000-01-01 00:00 UTC.
+POSTGRES_EPOCH = 946_684_800
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,21 +93,32 @@ class Batch:
             tuples, last_tuple, count = _seconds_to_timestamptz(tuples)
             if count != rows:
                 raise ValueError(f"not a spooled batch: {count} tuples, {rows} rows")
-        if type(last_tuple) is not int or not 0 <= last_tuple < len(tuples):
+        try:
+            whole = last_copy_tuple(tuples) == last_tuple
+        except ValueError as error:
+            raise ValueError(f"not a spooled batch: {error}") from None
+        if not whole:
             raise ValueError(f"not a spooled batch: last_tuple is {last_tuple!r}")
         return cls(uuid.UUID(str(document.get("batch_id"))), rows, tuples, last_tuple)
 
 
 def _key_at(tuples: bytes, start: int) -> Key:
     """The key of the tuple at ``start``: its field count, the bucket's length and value, then
-    each dimension's length and UTF-8."""
-    (when,) = _INT64.unpack_from(tuples, start + 6)
-    at = start + 14
-    dimensions = []
-    for _ in range(4):
-        (size,) = _INT32.unpack_from(tuples, at)
-        dimensions.append(tuples[at + 4 : at + 4 + size].decode())
-        at += 4 + size
+    each dimension's length and UTF-8. A ValueError for a tuple that holds none."""
+    try:
+        fields, size, when = _KEY_HEAD.unpack_from(tuples, start)
+        at = start + _KEY_HEAD.size
+        dimensions = []
+        for _ in range(4):
+            (length,) = _INT32.unpack_from(tuples, at)
+            if length < 0 or at + 4 + length > len(tuples):
+                raise ValueError("a dimension is NULL or runs past the end")
+            dimensions.append(tuples[at + 4 : at + 4 + length].decode())
+            at += 4 + length
+    except struct.error as error:
+        raise ValueError(f"no key in the tuple at {start}: {error}") from None
+    if fields != 11 or size != 8:
+        raise ValueError(f"no key in the tuple at {start}: {fields} fields, bucket of {size}")
     campaign, creative, affiliate, sub_id = dimensions
     return when, campaign, creative, affiliate, sub_id
 
@@ -121,7 +134,10 @@ def _seconds_to_timestamptz(tuples: bytes) -> tuple[bytes, int, int]:
     at = count = 0
     while at < len(converted):
         (seconds,) = _INT64.unpack_from(converted, at + 6)
-        _INT64.pack_into(converted, at + 6, (seconds - _PG_EPOCH) * 1_000_000)
+        try:
+            _INT64.pack_into(converted, at + 6, (seconds - POSTGRES_EPOCH) * 1_000_000)
+        except struct.error:
+            raise ValueError(f"not a spooled batch: bucket {seconds} is out of range") from None
         count += 1
         (fields,) = _INT16.unpack_from(converted, at)
         at += 2

@@ -6,8 +6,11 @@ writer. So a request of the one shape that makes up nearly all of the traffic, a
 keep-alive ``GET`` or ``HEAD /i.gif`` over HTTP/1.1 with no body (``_fastcount.GetScanner``
 has the exact rules), is read from the received bytes by the compiled scanner, counted from
 those bytes by the counter engine, and answered from ``data_received`` with precomputed
-bytes, while the connection has nothing else in flight. No Python object is made per query
-parameter or header.
+bytes, while the connection has nothing else in flight and the client takes its answers
+(writing is not paused). No Python object is made per query parameter or header. A client
+that does not read its answers gets aiohttp's normal path, whose handler waits for the
+answer to drain and whose queue then stops the reading, so it cannot make the server buffer
+answers without bound.
 
 Every other byte goes to aiohttp's parser and its normal path, in order: a request of another
 shape, one cut across two reads, and every request behind one of those, until the parser is
@@ -15,8 +18,11 @@ back between requests. So pipelining, ``Connection: close``, bodies, HTTP/1.0, u
 malformed requests keep aiohttp's exact semantics.
 
 This relies on the internals of aiohttp's ``RequestHandler`` (``_parser``, ``_messages``,
-``_waiter``); pyproject.toml pins the aiohttp minor version it was written against, and the wire
-tests exercise both paths.
+``_waiter``, ``_close``, ``_force_close``, ``_payload_parser``, ``_upgraded``, ``_message_tail``,
+``_request_count``, ``_buffer_paused``, ``_max_msg_queue_size``, ``_pause_reading_for_buffer``,
+``_next_keepalive_close_time``, ``_keepalive_timeout``): ``data_received`` below feeds the parser
+as aiohttp's own does. pyproject.toml pins the aiohttp minor version it was written against,
+and the wire tests exercise both paths.
 """
 
 from __future__ import annotations
@@ -98,7 +104,13 @@ class PixelRequestHandler(RequestHandler):
             super().data_received(data)
             return
         waiter = self._waiter
-        if self._at_boundary and not self._messages and waiter is not None and not waiter.done():
+        if (
+            self._at_boundary
+            and not self._messages
+            and waiter is not None
+            and not waiter.done()
+            and not self.writing_paused
+        ):
             answered = self._answer_pixels(data)
             if answered:
                 # An idle connection stays open for the keep-alive timeout after its last

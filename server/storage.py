@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 
 from _fastcount import COLUMNS as COUNT_COLUMNS
-from server.batch import COPY_HEADER, COPY_TRAILER, Batch
+from server.batch import COPY_HEADER, COPY_TRAILER, POSTGRES_EPOCH, Batch
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ _MIGRATION_LOCK = 0x70697865  # "pixe"
 COMMAND_TIMEOUT = 60.0
 
 # pixel_counts' columns, in the order of a batch's COPY tuples.
-COLUMNS = ("bucket", "campaign", "creative", "affiliate", "sub_id", *COUNT_COLUMNS)
+TABLE_COLUMNS = ("bucket", "campaign", "creative", "affiliate", "sub_id", *COUNT_COLUMNS)
 
 _STAGING = """
 CREATE TEMPORARY TABLE IF NOT EXISTS pixel_staging (
@@ -111,7 +111,7 @@ SELECT EXISTS (
 )
 """
 # Where PostgreSQL's timestamptz counts its microseconds from.
-_POSTGRES_EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
+_POSTGRES_EPOCH = datetime.datetime.fromtimestamp(POSTGRES_EPOCH, datetime.UTC)
 
 
 async def apply(connection: Any, batch: Batch) -> bool:
@@ -136,7 +136,10 @@ async def apply(connection: Any, batch: Batch) -> bool:
             try:
                 async with connection.transaction():  # a savepoint
                     await connection.copy_to_table(
-                        "pixel_counts", source=copy_file(batch), columns=COLUMNS, format="binary"
+                        "pixel_counts",
+                        source=copy_file(batch),
+                        columns=TABLE_COLUMNS,
+                        format="binary",
                     )
                 return True
             except asyncpg.UniqueViolationError:

@@ -6,7 +6,14 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from aiohttp import web
+
+from server import protocol
+from server.app import make_app
+from server.config import Config
 from server.pixel import GIF
 from tests.harness import PixelServer, fetch
 from tests.raw_http import exchange, split
@@ -197,3 +204,40 @@ async def test_a_request_cut_across_reads_and_the_requests_after_it(
         ("pipelined", 1),
         ("whole", 1),
     ]
+
+
+async def test_a_client_that_reads_no_answer_is_no_longer_read(
+    database: str, tmp_path: Path
+) -> None:
+    """Answers a client does not take are not buffered without bound: once they back up, the
+    pixel port stops reading that client's requests (aiohttp's own backpressure)."""
+    app = make_app(Config(spool_dir=tmp_path), database)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    server = await protocol.listen(runner, "127.0.0.1", 0, reuse_port=False)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        # Whole requests to a write, each read by the server before the next: its fast path.
+        requests = b"GET /i.gif?cid=unread HTTP/1.1\r\nHost: t\r\n\r\n" * 20
+        (handler,) = await wait_for_connection(runner)
+        for _ in range(20_000):  # at most 400,000 requests, 120 MB of answers
+            writer.write(requests)
+            await asyncio.sleep(0)
+            if not handler.transport.is_reading():
+                break
+        assert not handler.transport.is_reading()
+        assert handler.transport.get_write_buffer_size() < 4 << 20
+        writer.close()
+    finally:
+        server.close()
+        await runner.cleanup()
+
+
+async def wait_for_connection(runner: web.AppRunner) -> list[Any]:
+    assert runner.server is not None
+    for _ in range(100):
+        if runner.server.connections:
+            return list(runner.server.connections)
+        await asyncio.sleep(0.01)
+    raise TimeoutError("no connection")

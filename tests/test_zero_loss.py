@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import struct
 import subprocess
 import time
@@ -203,6 +204,18 @@ def test_a_spool_file_from_before_timestamptz_buckets_is_read(tmp_path: Path) ->
     assert Batch.from_bytes(old) == batch
     with pytest.raises(ValueError, match="not a spooled batch"):
         Batch.from_bytes(b"".join((head, b"\n", COPY_HEADER, seconds[:-3], COPY_TRAILER)))
+    struct.pack_into(">q", seconds, 6, 2**62)  # a bucket past timestamptz
+    with pytest.raises(ValueError, match="out of range"):
+        Batch.from_bytes(b"".join((head, b"\n", COPY_HEADER, seconds, COPY_TRAILER)))
+
+
+def test_a_spool_file_that_misplaces_its_last_row_is_not_a_batch() -> None:
+    batch = batch_of(*((60, f"c{n}", "", "", "", 1, 0, 0, 0, 0, 0) for n in range(3)))
+    assert Batch.from_bytes(batch.to_bytes()) == batch
+    for wrong in (0, batch.last_tuple - 1, len(batch.tuples)):
+        damaged = dataclasses.replace(batch, last_tuple=wrong).to_bytes()
+        with pytest.raises(ValueError, match="not a spooled batch"):
+            Batch.from_bytes(damaged)
 
 
 def test_spool_files_are_whole_or_absent(tmp_path: Path) -> None:
