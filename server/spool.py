@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -51,6 +52,9 @@ class Spool:
             if not _writer_alive(partial):
                 # A write cut short by a crash: never renamed, never counted.
                 partial.unlink(missing_ok=True)
+        # write() and remove() run in worker threads, several at once: each counts its file
+        # under the lock, so that none undoes another's count.
+        self._counting = threading.Lock()
         self.usage = self.scan()
 
     def paths(self) -> list[Path]:
@@ -89,8 +93,12 @@ class Spool:
         path = self.directory / f"{time.time_ns():020d}-{batch.batch_id}{SUFFIX}"
         data = batch.to_bytes()
         _write_durably(path, data)
-        self.usage = Usage(self.usage.batches + 1, self.usage.bytes + len(data))
+        self._count(1, len(data))
         return path
+
+    def _count(self, batches: int, size: int) -> None:
+        with self._counting:
+            self.usage = Usage(self.usage.batches + batches, self.usage.bytes + size)
 
     def read(self, path: Path) -> Batch:
         return Batch.from_bytes(path.read_bytes())
@@ -100,7 +108,7 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             size = path.stat().st_size
             path.unlink()
-            self.usage = Usage(self.usage.batches - 1, self.usage.bytes - size)
+            self._count(-1, -size)
 
     def dead_letter(self, batch: Batch, error: str, path: Path | None) -> Path:
         """Keeps a batch PostgreSQL rejected, with the error, out of the way of the others."""
