@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 
 from _fastcount import COLUMNS, Counters
@@ -27,6 +28,7 @@ __all__ = [
     "free_port",
     "insert_counts",
     "metric",
+    "scrape",
     "totals_by_key",
     "wait_for",
     "with_database",
@@ -39,6 +41,17 @@ async def wait_for(condition: Callable[[], object], timeout: float = 30.0) -> No
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.1)
+
+
+async def scrape(server: PixelServer) -> str:
+    """The text of the server's ``/metrics``, checked to be Prometheus' text format."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{server.admin_url}/metrics") as answer,
+    ):
+        assert answer.status == 200
+        assert answer.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        return await answer.text()
 
 
 def metric(text: str, name: str, *labels: str) -> float:

@@ -10,7 +10,7 @@ import pytest
 from yarl import URL
 
 from server.pixel import GIF
-from tests.harness import PixelServer, fetch, metric
+from tests.harness import PixelServer, fetch, metric, scrape
 from tests.raw_http import exchange
 
 UA = {"User-Agent": "Mozilla/5.0 bad-input-test"}
@@ -44,8 +44,7 @@ async def test_invalid_values_get_the_gif_and_are_counted_as_rejected(
         # A valid one, so a broken counter would show.
         async with session.get(f"{server.base_url}/i.gif?cid=good") as answer:
             assert answer.status == 200
-        async with session.get(f"{server.admin_url}/metrics") as answer:
-            metrics = await answer.text()
+    metrics = await scrape(server)
     expected: dict[str, int] = {}
     for _, reason in BAD_QUERIES:
         expected[reason] = expected.get(reason, 0) + 1

@@ -14,7 +14,7 @@ from yarl import URL
 from loadtests.processes import PIXEL_SERVER
 from server import clicks
 from server.query import Dimensions, Rejected
-from tests.harness import PixelServer, metric, totals_by_key
+from tests.harness import PixelServer, metric, scrape, totals_by_key
 
 SECRET = "test-secret-0123456789"
 OLD_SECRET = "old-secret-9876543210"
@@ -136,11 +136,7 @@ async def test_invalid_links_get_400_a_short_page_and_no_redirect(
         assert "Location" not in headers, reason
         assert headers["Content-Type"] == "text/html; charset=utf-8"
         assert b"not valid" in body and len(body) < 300
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{server.admin_url}/metrics") as answer,
-    ):
-        metrics = await answer.text()
+    metrics = await scrape(server)
     for reason in cases:
         assert metric(metrics, "pixel_rejected_requests_total", f'reason="{reason}"') == 1, reason
     assert server.terminate() == 0

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from server import givt
-from tests.harness import PixelServer, totals_by_key
+from tests.harness import PixelServer, scrape, totals_by_key
 
 BOTS = {
     "googlebot": "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
@@ -66,8 +66,7 @@ async def test_each_kind_of_traffic_lands_in_its_column(
                 assert len(await answer.read()) == 43
         async with session.get(f"{server.base_url}/i.gif?cid=no-ua-header") as answer:
             assert answer.status == 200
-        async with session.get(f"{server.admin_url}/metrics") as answer:
-            metrics = await answer.text()
+    metrics = await scrape(server)
     assert server.terminate() == 0
     stored = {key[0]: counts for key, counts in (await totals_by_key(database)).items()}
     for cid, _ in requests:

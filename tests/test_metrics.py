@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.loop_lag import LoopLag
 from server.metrics import Histogram, Metrics, merge, render, value
-from tests.harness import DatabaseProxy, PixelServer
+from tests.harness import DatabaseProxy, PixelServer, scrape
 
 BROWSER = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0 Safari/537.36"}
 BOT = {"User-Agent": "Googlebot/2.1 (+http://www.google.com/bot.html)"}
@@ -27,16 +27,6 @@ def parsed(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
         for sample in family.samples:
             samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return samples
-
-
-async def scrape(server: PixelServer) -> str:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{server.admin_url}/metrics") as answer,
-    ):
-        assert answer.status == 200
-        assert answer.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-        return await answer.text()
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:

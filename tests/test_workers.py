@@ -10,7 +10,7 @@ import aiohttp
 import psutil
 from yarl import URL
 
-from tests.harness import PixelServer, fetch
+from tests.harness import PixelServer, fetch, scrape
 
 UA = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) workers-test"}
 
@@ -70,8 +70,7 @@ async def test_workers_share_the_port_restart_and_flush_on_sigterm(
             url = URL(f"{server.base_url}/i.gif?cid=%zz", encoded=True)
             async with session.get(url) as answer:
                 assert answer.status == 200
-        async with session.get(f"{server.admin_url}/metrics") as answer:
-            metrics = await answer.text()
+    metrics = await scrape(server)
     # The admin port sums every worker's counters.
     assert 'pixel_rejected_requests_total{reason="bad_percent_encoding"} 20' in metrics
 

@@ -31,6 +31,7 @@ from tests.harness import (
     batch_of,
     batch_rows,
     fetch,
+    scrape,
     totals_by_key,
     wait_for,
 )
@@ -172,11 +173,7 @@ async def test_poison_batch_is_dead_lettered_and_later_batches_land(
     await send(server, "cid=poison", 3)
     await wait_for(lambda: list((spool / "dead-letter").glob("*.batch")))
     await send(server, "cid=healthy", 4)
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{server.admin_url}/metrics") as answer,
-    ):
-        assert "pixel_dead_lettered_batches_total 1\n" in await answer.text()
+    assert "pixel_dead_lettered_batches_total 1\n" in await scrape(server)
     assert await asyncio.to_thread(server.terminate) == 0, server.log()
 
     assert await impressions(database) == {"healthy": 4}
