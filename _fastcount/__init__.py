@@ -26,11 +26,11 @@ worker thread if it likes: the two share nothing) while counting goes on::
 Rows come out in key order: ascending bucket, then campaign, creative,
 affiliate and sub_id compared as UTF-8 bytes. That is PostgreSQL's order for the
 primary key with ``COLLATE "C"``: concurrent writers lock rows in one order, and
-index inserts go in index order. The first drain sorts the whole window, without
-holding the GIL. ``totals`` sums each field over every row the window was
-swapped out with, drained or not. :meth:`Window.drain_copy` takes the same rows
-already encoded as the tuples of PostgreSQL's binary COPY format, to send after
-its file header::
+index inserts go in index order. The first drain, or ``totals``, sorts the whole
+window (the compiled engine without holding the GIL). ``totals`` sums each field
+over every row the window was swapped out with, drained or not.
+:meth:`Window.drain_copy` takes the same rows already encoded as the tuples of
+PostgreSQL's binary COPY format, to send after its file header::
 
     >>> import struct
     >>> counters.add(bucket, "summer-sale", "", "", "", CLICKS)
@@ -50,7 +50,7 @@ query strings hold, and no count is dropped.
 
 A server can count a pixel request from the bytes it received, with no Python
 object made per parameter: :class:`GetScanner` finds a complete request of the
-one simple shape, a keep-alive ``GET`` of the pixel's path, in those bytes, and
+one simple shape, a keep-alive ``GET`` or ``HEAD`` of the pixel's path, in those bytes, and
 :meth:`Counters.add_query` counts its query string when it is plain::
 
     >>> scanner = GetScanner(b"/i.gif", max_line_size=4096, max_field_size=8190)

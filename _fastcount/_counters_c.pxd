@@ -29,7 +29,7 @@ cdef struct Entry:
 
 
 cdef struct Key:
-    # A key as add() receives it: UTF-8 views borrowed from the argument strings.
+    # A key to count: UTF-8 views borrowed from add()'s str arguments or add_query()'s bytes.
     int64_t bucket
     const char *dims[NDIMS]
     Py_ssize_t lens[NDIMS]

@@ -844,9 +844,9 @@ cdef class Counters:
         arena_free(&self._arena)
 
     # Hot path: one call per pixel hit. A key already there costs a hash of
-    # the str hashes (cached by CPython), a probe and a compare; nothing is
-    # allocated. Bound by memory latency (the slot and the row are a cache
-    # miss each), not by the instructions here: loadtests/bench_counters.py
+    # the str hashes (cached by CPython for ASCII values), a probe and a
+    # compare; nothing is allocated. Bound by memory latency (the slot and the
+    # row are a cache miss each), not by the instructions here: loadtests/bench_counters.py
     # has the figures.
     def add(
         self,
@@ -952,17 +952,7 @@ cdef class Counters:
         key.lens[0] = 12
         for i in range(1, NDIMS):
             key.lens[i] = 0
-        h = bytes_key_hash(key)
-        s = &self._shards[(h >> 32) & self._shard_mask]
-        slot = shard_find(s, key, h)
-        cdef Entry *e = slot[0]
-        if e != NULL:
-            if e.counts[field] > INT64_MAX - n:
-                raise OverflowError("counter would exceed 2**63 - 1")
-            e.counts[field] += n
-        else:
-            shard_insert(s, &self._arena, slot, key, h, field, n)
-            self._overflow_rows += 1
+        self._count(key, bytes_key_hash(key), field, n)  # a new overflow row: the branch above
         self._overflowed += n
         return 0
 

@@ -28,6 +28,7 @@ from _fastcount import Counters, Window
 from server import storage
 from server.batch import Batch, seal
 from server.dsn import redact
+from server.logs import describe
 from server.metrics import Metrics
 from server.spool import Spool
 
@@ -248,7 +249,7 @@ class Flusher:
             if not is_permanent(error):
                 raise
             target = await asyncio.to_thread(
-                self._spool.dead_letter, batch, f"{type(error).__name__}: {error}", item.path
+                self._spool.dead_letter, batch, describe(error), item.path
             )
             self._metrics.dead_lettered += 1
             log.error(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -44,20 +43,10 @@ def reject(request: web.Request, rejected: Rejected) -> None:
 def record(
     request: web.Request, dimensions: Dimensions, human_field: int, givt_field: int | None
 ) -> None:
-    """Adds one event of the request to the current bucket (see :func:`record_event`)."""
-    record_event(request.app, request.headers, dimensions, human_field, givt_field)
-
-
-def record_event(
-    app: web.Application,
-    headers: Mapping[str, str],
-    dimensions: Dimensions,
-    human_field: int,
-    givt_field: int | None,
-) -> None:
-    """Adds one event to the current bucket: to the GIVT field for bots and prefetches, or,
-    for an event with no GIVT field (``None``), only to the ``givt`` metric."""
-    reason = givt.classify(headers)
+    """Adds one event of the request to the current bucket: to the GIVT field for bots and
+    prefetches, or, for an event with no GIVT field (``None``), only to the ``givt`` metric."""
+    app = request.app
+    reason = givt.classify(request.headers)
     if reason is None:
         field = human_field
     else:

@@ -116,8 +116,8 @@ def parse_dimensions(query: bytes) -> Dimensions:
 
 
 # The common case: printable ASCII with nothing to decode (no "%", "+", control or non-ASCII
-# byte), so every value is its own text. On the pixel's hot path, parsing it directly takes
-# 3.3 us for a typical pixel query instead of 4.8 us (timeit, this machine).
+# byte), so every value is its own text, parsed without the general decoder. (The pixel's fast
+# path counts such a query in the counter engine, Counters.add_query, without parsing it here.)
 _PLAIN = re.compile(rb"[!-$&-*,-~]*").fullmatch
 _PLAIN_PARAMS = {name.encode(): position for name, position in _DIMENSION_PARAMS.items()}
 

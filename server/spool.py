@@ -2,7 +2,7 @@
 
 A file is written under a temporary name, fsynced, renamed into place and the folder fsynced,
 so a spooled batch survives a crash or power loss whole or not at all. Files are named by the
-time they were spooled, so they are applied oldest first, and removed once applied. A batch
+time they were spooled, so they are taken oldest first, and removed once applied. A batch
 PostgreSQL rejects for good goes to ``dead-letter/`` beside them, with the error; moving such a
 file back into the spool folder applies it again at the next start.
 

@@ -15,7 +15,7 @@ import asyncpg
 from _fastcount import COLUMNS, Counters
 from loadtests.accounting import totals_by_key
 from loadtests.processes import PixelServer, free_port
-from server.batch import Batch, seal_window
+from server.batch import POSTGRES_EPOCH, Batch, seal_window
 
 __all__ = [
     "DatabaseProxy",
@@ -116,7 +116,7 @@ def copy_rows(data: bytes) -> list[Row]:
             at += 4 + length
         bucket, campaign, creative, affiliate, sub_id, a, b, c, d, e, f = values
         (micros,) = struct.unpack(">q", bucket)
-        when = micros // 1_000_000 + 946_684_800
+        when = micros // 1_000_000 + POSTGRES_EPOCH
         dims = (dim.decode() for dim in (campaign, creative, affiliate, sub_id))
         counts = (struct.unpack(">q", value)[0] for value in (a, b, c, d, e, f))
         rows.append((when, *dims, *counts))

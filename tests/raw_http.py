@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import socket
+import time
+
+# Between two pieces sent apart, so that the server reads them apart.
+PIECE_PAUSE = 0.05
 
 
-def exchange(port: int, request: bytes, idle: float = 5.0) -> bytes:
-    """Sends raw bytes; returns what the server answers until it closes the connection or
-    stays silent for ``idle`` seconds (an incomplete request, or a kept-alive connection)."""
+def exchange(port: int, request: bytes | list[bytes], idle: float = 5.0) -> bytes:
+    """Sends raw bytes, or each of a list of pieces on its own, a moment apart; returns what
+    the server answers until it closes the connection or stays silent for ``idle`` seconds
+    (an incomplete request, or a kept-alive connection)."""
+    pieces = [request] if isinstance(request, bytes) else request
     with socket.create_connection(("127.0.0.1", port), timeout=idle) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         chunks = []
         try:
-            connection.sendall(request)
+            for number, piece in enumerate(pieces):
+                if number:
+                    time.sleep(PIECE_PAUSE)
+                connection.sendall(piece)
             while chunk := connection.recv(65536):
                 chunks.append(chunk)
         except (TimeoutError, ConnectionResetError, BrokenPipeError):

@@ -18,6 +18,7 @@ import pytest
 
 import _fastcount
 import _fastcount._counters_py
+from server.batch import POSTGRES_EPOCH
 from server.metrics import resident_bytes
 from server.query import parse_dimensions
 from tests.harness import Row, copy_rows
@@ -726,11 +727,8 @@ def copy_field(data: bytes) -> bytes:
     return struct.pack(">i", len(data)) + data
 
 
-PG_EPOCH = 946_684_800  # PostgreSQL's timestamptz counts microseconds from here
-
-
 def copy_tuple(bucket: int, *dims: str, counts: tuple[int, ...]) -> bytes:
-    fields = [struct.pack(">q", (bucket - PG_EPOCH) * 1_000_000), *(d.encode() for d in dims)]
+    fields = [struct.pack(">q", (bucket - POSTGRES_EPOCH) * 1_000_000), *(d.encode() for d in dims)]
     fields += [struct.pack(">q", count) for count in counts]
     return struct.pack(">h", 11) + b"".join(copy_field(f) for f in fields)
 
@@ -753,7 +751,7 @@ def test_drain_copy_bytes(counters_impl: ModuleType) -> None:
     )  # fmt: skip
     assert first == copy_tuple(-1, "", "", "", "", counts=(0, 0, 0, 1, 0, 0))
     second = copy_tuple(B, "é", "", "x", "", counts=(0, 1, 0, 0, 2**63 - 1, 0))
-    micros = (B - PG_EPOCH) * 1_000_000
+    micros = (B - POSTGRES_EPOCH) * 1_000_000
     assert second[2:18] == b"\x00\x00\x00\x08" + micros.to_bytes(8, "big") + b"\x00\x00\x00\x02"
     assert second[18:20] == b"\xc3\xa9"
     third = copy_tuple(B + 60, "c", "cr", "a", "s", counts=(3, 0, 0, 0, 0, 0))
@@ -766,8 +764,8 @@ def test_drain_copy_bytes(counters_impl: ModuleType) -> None:
 
 def test_buckets_past_timestamptz_are_infinity(counters_impl: ModuleType) -> None:
     counters = counters_impl.Counters()
-    last = PG_EPOCH + (2**63 - 1) // 1_000_000  # the last second int64 microseconds hold
-    first = PG_EPOCH - (2**63 - 1) // 1_000_000
+    last = POSTGRES_EPOCH + (2**63 - 1) // 1_000_000  # the last second int64 microseconds hold
+    first = POSTGRES_EPOCH - (2**63 - 1) // 1_000_000
     for bucket in (2**63 - 1, last + 1, last, first, first - 1, -(2**63)):
         counters.add(bucket, "c", "", "", "", 0)
     copy = counters.swap().drain_copy(10)
@@ -775,8 +773,8 @@ def test_buckets_past_timestamptz_are_infinity(counters_impl: ModuleType) -> Non
     assert [struct.unpack_from(">q", copy, at + 6)[0] for at in starts] == [
         -(2**63),  # -infinity
         -(2**63),
-        (first - PG_EPOCH) * 1_000_000,
-        (last - PG_EPOCH) * 1_000_000,
+        (first - POSTGRES_EPOCH) * 1_000_000,
+        (last - POSTGRES_EPOCH) * 1_000_000,
         2**63 - 1,  # infinity
         2**63 - 1,
     ]

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -15,7 +12,7 @@ from server import protocol
 from server.app import make_app
 from server.config import Config
 from server.pixel import GIF
-from tests.harness import PixelServer, fetch
+from tests.harness import PixelServer, fetch, wait_for
 from tests.raw_http import exchange, split
 
 TRANSPARENT_GIF = bytes.fromhex(
@@ -156,20 +153,6 @@ async def test_fast_and_normal_paths_answer_alike_and_in_order(
     assert [tuple(row) for row in rows] == [("fast", 2), ("normal", 1)]
 
 
-def exchange_in_pieces(port: int, pieces: list[bytes]) -> bytes:
-    """Sends each piece on its own, a moment apart, so the server reads them apart; returns
-    the answers until the server closes the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for piece in pieces:
-            connection.sendall(piece)
-            time.sleep(0.05)
-        chunks = []
-        while chunk := connection.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def test_a_request_cut_across_reads_and_the_requests_after_it(
     pixel_server: Callable[..., PixelServer], database: str
 ) -> None:
@@ -191,7 +174,7 @@ async def test_a_request_cut_across_reads_and_the_requests_after_it(
         b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + pixel(b"pipelined"),
         pixel(b"last", b"Connection: close\r\n"),
     ]
-    answers = responses(await asyncio.to_thread(exchange_in_pieces, server.port, pieces))
+    answers = responses(await asyncio.to_thread(exchange, server.port, pieces))
     assert [body for _, _, body in answers] == [TRANSPARENT_GIF] * 3 + [b"ok\n"] + [
         TRANSPARENT_GIF
     ] * 2
@@ -220,24 +203,20 @@ async def test_a_client_that_reads_no_answer_is_no_longer_read(
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         # Whole requests to a write, each read by the server before the next: its fast path.
         requests = b"GET /i.gif?cid=unread HTTP/1.1\r\nHost: t\r\n\r\n" * 20
-        (handler,) = await wait_for_connection(runner)
+        pixels = runner.server
+        assert pixels is not None
+        await wait_for(lambda: pixels.connections, 5.0)
+        (handler,) = pixels.connections
+        transport = handler.transport
+        assert transport is not None
         for _ in range(20_000):  # at most 400,000 requests, 120 MB of answers
             writer.write(requests)
             await asyncio.sleep(0)
-            if not handler.transport.is_reading():
+            if not transport.is_reading():
                 break
-        assert not handler.transport.is_reading()
-        assert handler.transport.get_write_buffer_size() < 4 << 20
+        assert not transport.is_reading()
+        assert transport.get_write_buffer_size() < 4 << 20
         writer.close()
     finally:
         server.close()
         await runner.cleanup()
-
-
-async def wait_for_connection(runner: web.AppRunner) -> list[Any]:
-    assert runner.server is not None
-    for _ in range(100):
-        if runner.server.connections:
-            return list(runner.server.connections)
-        await asyncio.sleep(0.01)
-    raise TimeoutError("no connection")

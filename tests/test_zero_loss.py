@@ -20,7 +20,7 @@ from _fastcount import COLUMNS, IMPRESSIONS, Counters, Window
 from loadtests import outage
 from server import batch as batch_module
 from server import storage
-from server.batch import COPY_HEADER, COPY_TRAILER, Batch, seal, seal_window
+from server.batch import COPY_HEADER, COPY_TRAILER, POSTGRES_EPOCH, Batch, seal, seal_window
 from server.embedded import EmbeddedPostgres
 from server.flusher import Flusher
 from server.metrics import Metrics
@@ -195,7 +195,7 @@ def test_a_spool_file_from_before_timestamptz_buckets_is_read(tmp_path: Path) ->
     seconds = bytearray(batch.tuples)
     for start in (0, batch.last_tuple):
         (micros,) = struct.unpack_from(">q", seconds, start + 6)
-        struct.pack_into(">q", seconds, start + 6, micros // 1_000_000 + 946_684_800)
+        struct.pack_into(">q", seconds, start + 6, micros // 1_000_000 + POSTGRES_EPOCH)
     head = orjson.dumps({"batch_id": str(batch.batch_id), "rows": 2})
     old = b"".join((head, b"\n", COPY_HEADER, seconds, COPY_TRAILER))
     assert Batch.from_bytes(old) == batch
