@@ -101,7 +101,7 @@ async def phases(dsn: str, keys: int) -> tuple[float, float]:
     try:
         started = time.perf_counter()
         batches: list[Batch] = []
-        await asyncio.to_thread(seal_window, counters.swap(), batches)
+        await asyncio.to_thread(seal_window, counters.swap(), batches.append)
         sealed = time.perf_counter() - started
         started = time.perf_counter()
         for batch in batches:

@@ -118,7 +118,7 @@ async def flush_cost(dsn: str, end: datetime) -> None:
                 for field in (IMPRESSIONS, MEASURABLE, VIEWABLE):
                     counters.add(*key, field)
             batches: list[Batch] = []
-            seal_window(counters.swap(), batches)
+            seal_window(counters.swap(), batches.append)
             began = time.perf_counter()
             for batch in batches:
                 await storage.apply(connection, batch)

@@ -13,6 +13,7 @@ encodes in a worker thread, without the GIL.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import os
@@ -147,39 +148,54 @@ def _seconds_to_timestamptz(tuples: bytes) -> tuple[bytes, int, int]:
     return bytes(converted), last, count
 
 
-def seal_window(window: Window, batches: list[Batch]) -> tuple[int, ...]:
-    """Drains a swapped-out window into ``batches``, up to :data:`BATCH_ROWS` rows each;
-    returns the window's per-field totals. Blocking: the engine sorts and encodes without the
-    GIL, so call it from a worker thread."""
+def seal_window(window: Window, add: Callable[[Batch], object]) -> tuple[int, ...]:
+    """Drains a swapped-out window into batches of up to :data:`BATCH_ROWS` rows, passing each
+    to ``add`` as soon as it is made; returns the window's per-field totals. Blocking: the
+    engine sorts and encodes without the GIL, so call it from a worker thread."""
     totals = window.totals
     while left := len(window):
         tuples = window.drain_copy(BATCH_ROWS)
-        batches.append(Batch(uuid.uuid4(), left - len(window), tuples, last_copy_tuple(tuples)))
+        add(Batch(uuid.uuid4(), left - len(window), tuples, last_copy_tuple(tuples)))
     return totals
 
 
 async def seal(window: Window, add: Callable[[Batch], object], events: list[int]) -> None:
-    """Seals a window off the event loop, passes each batch to ``add`` and adds the window's
-    per-field totals to ``events``. If cancelled, it waits for the sealing thread, or drains
-    the window itself, before it stops: no row is lost. If the sealing fails, the batches
-    sealed before the error are handed over all the same."""
-    batches: list[Batch] = []
+    """Seals a window off the event loop, passes each batch to ``add`` on the event loop as soon
+    as it is made (so the database can start on the first while the rest are encoded), and
+    adds the window's per-field totals to ``events``. If cancelled, it waits for the sealing
+    thread, or drains the window itself, before it stops: no row is lost. If the sealing
+    fails, the batches sealed before the error are handed over all the same."""
+    loop = asyncio.get_running_loop()
+    made: collections.deque[Batch] = collections.deque()
+
+    def hand_over() -> None:
+        while made:
+            add(made.popleft())
+
+    def sealed(batch: Batch) -> None:  # in the sealing thread
+        made.append(batch)
+        loop.call_soon_threadsafe(hand_over)
+
     with concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix="seal", initializer=_yielding
     ) as executor:
-        sealing = executor.submit(seal_window, window, batches)
+        sealing = executor.submit(seal_window, window, sealed)
         try:
             totals = await asyncio.wrap_future(sealing)
         except asyncio.CancelledError:
             # The thread could not be stopped (it ran on) or never started (the window is
             # still whole); either way every row ends up in a batch.
-            totals = seal_window(window, batches) if sealing.cancelled() else sealing.result()
-            _hand_over(batches, totals, add, events)
+            totals = seal_window(window, made.append) if sealing.cancelled() else sealing.result()
+            _add_totals(events, totals)
             raise
-        except BaseException:
-            _hand_over(batches, (), add, events)
-            raise
-    _hand_over(batches, totals, add, events)
+        finally:
+            hand_over()
+    _add_totals(events, totals)
+
+
+def _add_totals(events: list[int], totals: tuple[int, ...]) -> None:
+    for field, total in enumerate(totals):
+        events[field] += total
 
 
 def _yielding() -> None:
@@ -188,12 +204,3 @@ def _yielding() -> None:
     the sealing still gets its share under any load."""
     if sys.platform == "linux":
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-
-
-def _hand_over(
-    batches: list[Batch], totals: tuple[int, ...], add: Callable[[Batch], object], events: list[int]
-) -> None:
-    for batch in batches:
-        add(batch)
-    for field, total in enumerate(totals):
-        events[field] += total

@@ -1,6 +1,7 @@
 """The flusher: every ``--flush-interval`` it swaps the counters out, seals the window into
 batches and merges the pending batches into PostgreSQL, over ``--flush-connections``
-connections at once.
+connections at once; each new batch is merged as soon as it is sealed, while the rest of the
+window is still being encoded.
 
 Counting never waits for it: the swap is O(1), the counter engine sorts and encodes a window in
 a worker thread without the GIL, and spool files are written and read in a thread. While the
@@ -18,7 +19,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +116,13 @@ class Flusher:
         self._stopping.set()
 
     async def flush(self) -> None:
-        """Seals the current window, applies what is pending unless in backoff, and spools
-        what the database did not take."""
+        """Seals the current window and, unless in backoff, applies what is pending meanwhile,
+        each new batch as soon as it is sealed; then spools what the database did not take."""
         await self._spool.refresh()
-        await self._seal()
         if asyncio.get_running_loop().time() >= self._retry_at:
-            await self._apply_pending(CONNECT_TIMEOUT)
+            await self._seal_and_apply(CONNECT_TIMEOUT)
+        else:
+            await self._seal()
         if self._failures:
             await self._spool_in_memory()
 
@@ -132,9 +134,11 @@ class Flusher:
         if unsealed:
             self._metrics.dropped += unsealed
             log.error("shutdown: %d rows could not be sealed; dropped", unsealed)
+        arrivals = self._queued()
+        self._end(arrivals)
         try:
             await asyncio.wait_for(
-                self._apply_pending(min(CONNECT_TIMEOUT, timeout / 4)), timeout / 2
+                self._apply_pending(min(CONNECT_TIMEOUT, timeout / 4), arrivals), timeout / 2
             )
         except TimeoutError:
             self._failed(TimeoutError("no answer within half the shutdown timeout"))
@@ -158,7 +162,36 @@ class Flusher:
             except _RETRYABLE:
                 connection.terminate()
 
-    async def _seal(self) -> None:
+    async def _seal_and_apply(self, connect_timeout: float) -> None:
+        arrivals = self._queued()
+        sealing = asyncio.create_task(self._seal(arrivals.put_nowait))
+        sealing.add_done_callback(lambda _: self._end(arrivals))
+        try:
+            await self._apply_pending(connect_timeout, arrivals)
+        finally:
+            await sealing  # so every sealed batch is pending when the flush goes on
+
+    def _queued(self) -> asyncio.Queue[Pending | None]:
+        """The pending batches, oldest first, for the connections to take one at a time."""
+        arrivals: asyncio.Queue[Pending | None] = asyncio.Queue()
+        for item in self._pending:
+            arrivals.put_nowait(item)
+        return arrivals
+
+    def _end(self, arrivals: asyncio.Queue[Pending | None]) -> None:
+        """Tells every connection that no batch follows the ones queued."""
+        for _ in range(self._connection_count):
+            arrivals.put_nowait(None)
+
+    async def _seal(self, arrived: Callable[[Pending], object] = lambda item: None) -> None:
+        """Seals the current window, and any a failed seal left, into pending batches,
+        passing each to ``arrived`` as well."""
+
+        def add(batch: Batch) -> None:
+            item = Pending(batch)
+            self._pending.append(item)
+            arrived(item)
+
         window = self._counters.swap()
         if window.overflowed:
             self._metrics.overflowed += window.overflowed
@@ -172,9 +205,7 @@ class Flusher:
         while self._unsealed:
             window = self._unsealed[0]
             try:
-                await seal(
-                    window, lambda batch: self._pending.append(Pending(batch)), self._metrics.events
-                )
+                await seal(window, add, self._metrics.events)
             except Exception:
                 # Out of memory, say: the rows not sealed yet wait in the window for the next
                 # flush, and the flusher goes on.
@@ -184,7 +215,9 @@ class Flusher:
                 if not len(window):
                     self._unsealed.popleft()
 
-    async def _apply_pending(self, connect_timeout: float) -> None:
+    async def _apply_pending(
+        self, connect_timeout: float, arrivals: asyncio.Queue[Pending | None]
+    ) -> None:
         try:
             if len(self._connections) < self._connection_count:
                 while len(self._connections) < self._connection_count:
@@ -194,13 +227,12 @@ class Flusher:
                     )
                     self._connections.append(connection)
                 log.info("connected to %s", redact(self._dsn))
-            # Each connection takes the oldest batch no other has taken, until none is left;
+            # Each connection takes the oldest batch no other has taken, until none follows;
             # one that fails stops, and the others finish what is left.
-            waiting = iter(list(self._pending))
             errors = [
                 error
                 for error in await asyncio.gather(
-                    *(self._apply_each(connection, waiting) for connection in self._connections),
+                    *(self._apply_each(connection, arrivals) for connection in self._connections),
                     return_exceptions=True,
                 )
                 if error is not None
@@ -223,8 +255,8 @@ class Flusher:
         self._retry_at = 0.0
         self.problem = ""
 
-    async def _apply_each(self, connection: Any, waiting: Iterator[Pending]) -> None:
-        for item in waiting:
+    async def _apply_each(self, connection: Any, arrivals: asyncio.Queue[Pending | None]) -> None:
+        while (item := await arrivals.get()) is not None:
             await self._apply(connection, item)
             self._pending.remove(item)
 

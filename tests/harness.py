@@ -93,7 +93,7 @@ def batch_of(*rows: Row) -> Batch:
             if n:
                 counters.add(bucket, campaign, creative, affiliate, sub_id, field, n)
     batches: list[Batch] = []
-    seal_window(counters.swap(), batches)
+    seal_window(counters.swap(), batches.append)
     (batch,) = batches
     return batch
 

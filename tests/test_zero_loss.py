@@ -8,6 +8,7 @@ import collections
 import dataclasses
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -365,12 +366,12 @@ async def test_a_window_whose_seal_failed_is_flushed_next_time(
 ) -> None:
     sealings = 0
 
-    def out_of_memory_once(window: Window, batches: list[Batch]) -> tuple[int, ...]:
+    def out_of_memory_once(window: Window, add: Callable[[Batch], object]) -> tuple[int, ...]:
         nonlocal sealings
         sealings += 1
         if sealings == 1:
             raise MemoryError
-        return seal_window(window, batches)
+        return seal_window(window, add)
 
     monkeypatch.setattr(batch_module, "seal_window", out_of_memory_once)
     counters = Counters()
@@ -384,3 +385,38 @@ async def test_a_window_whose_seal_failed_is_flushed_next_time(
     assert sealings == 3  # the failed seal, then one for each window
     assert await impressions(database) == {"first": 3, "second": 4}
     assert metrics.events[IMPRESSIONS] == 7
+
+
+async def test_the_first_batches_are_merged_while_the_rest_are_still_sealed(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_module, "BATCH_ROWS", 10)
+    merging = threading.Event()
+    apply = storage.apply
+
+    async def noted_apply(connection: object, batch: Batch) -> bool:
+        merging.set()
+        return await apply(connection, batch)
+
+    monkeypatch.setattr(storage, "apply", noted_apply)
+    merged_meanwhile: list[bool] = []
+    seal_window = batch_module.seal_window
+
+    def sealing_that_waits(window: Window, add: Callable[[Batch], object]) -> tuple[int, ...]:
+        def add_then_wait(batch: Batch) -> None:
+            add(batch)
+            if not merged_meanwhile:  # after the first batch, until a merge starts
+                merged_meanwhile.append(merging.wait(10.0))
+
+        return seal_window(window, add_then_wait)
+
+    monkeypatch.setattr(batch_module, "seal_window", sealing_that_waits)
+    counters = Counters()
+    for n in range(25):
+        counters.add(60, f"c{n}", "", "", "", IMPRESSIONS, n + 1)
+    flusher = Flusher(counters, database, Metrics(), 1.0, Spool(tmp_path, 1 << 20), 10, 2)
+    await flusher.flush()
+    assert merged_meanwhile == [True]
+    assert flusher.pending_batches == 0
+    await flusher.close(5.0)
+    assert await impressions(database) == {f"c{n}": n + 1 for n in range(25)}
