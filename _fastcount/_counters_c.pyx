@@ -662,9 +662,9 @@ cdef unsigned char *copy_tuple(unsigned char *p, Entry *e) noexcept nogil:
 
 def last_copy_tuple(bytes tuples not None):
     """Where the last of these binary COPY tuples starts (each a 16-bit field
-    count, then each field as a 32-bit length, -1 for NULL, and its bytes;
-    big-endian). A ValueError unless there is one at least, and the last ends
-    where the bytes do."""
+    count, then each field as a 32-bit length and its bytes; big-endian). A
+    ValueError unless there is one at least, each has the 11 fields of
+    pixel_counts, none NULL, and the last ends where the bytes do."""
     cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(tuples)
     cdef Py_ssize_t size = len(tuples), at = 0, last = -1
     cdef int fields, i
@@ -676,6 +676,9 @@ def last_copy_tuple(bytes tuples not None):
                 at = -1
                 break
             fields = <int16_t>((p[at] << 8) | p[at + 1])
+            if fields != COPY_FIELDS:
+                at = -1
+                break
             at += 2
             for i in range(fields):
                 if size - at < 4:
@@ -684,15 +687,15 @@ def last_copy_tuple(bytes tuples not None):
                 length = <int32_t>((<uint32_t>p[at] << 24) | (<uint32_t>p[at + 1] << 16)
                                    | (<uint32_t>p[at + 2] << 8) | p[at + 3])
                 at += 4
-                if length > 0:
-                    if size - at < length:
-                        at = -1
-                        break
-                    at += length
+                if length < 0 or size - at < length:
+                    at = -1
+                    break
+                at += length
             if at < 0:
                 break
     if last < 0 or at != size:
-        raise ValueError("not binary COPY tuples, or the last one is cut short")
+        raise ValueError(
+            "not binary COPY tuples of pixel_counts, or the last one is cut short")
     return last
 
 

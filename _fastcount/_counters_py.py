@@ -79,11 +79,12 @@ _COPY_FIELD_LENGTH: Final = struct.Struct(">i")
 _COPY_COUNTS: Final = struct.Struct(">" + "iq" * _NFIELDS)  # length 8, count; per field
 
 
-def _int64(value: SupportsIndex) -> int:
-    """What the compiled module's PyLong_AsLongLong accepts: __index__, int64 range."""
+def _int64(value: SupportsIndex, c_type: str = "long") -> int:
+    """What the compiled module's PyLong_AsLongLong (or, for a ``c_type`` of "ssize_t", its
+    Py_ssize_t conversion) accepts: __index__, int64 range, with its OverflowError."""
     number = operator.index(value)
     if not _INT64_MIN <= number <= _INT64_MAX:
-        raise OverflowError("Python int too large to convert to C long")
+        raise OverflowError(f"Python int too large to convert to C {c_type}")
     return number
 
 
@@ -191,7 +192,7 @@ class Counters:
             raise TypeError(
                 f"Argument 'data' has incorrect type (expected bytes, got {type(data).__name__})"
             )
-        start, end, max_value_bytes = (_int64(x) for x in (start, end, max_value_bytes))
+        start, end, max_value_bytes = (_int64(x, "ssize_t") for x in (start, end, max_value_bytes))
         bucket = _int64(bucket)
         field_ = _int64(field)
         if not 0 <= field_ < _NFIELDS:
@@ -409,9 +410,9 @@ def _rows_of(keys: list[_Key], rows: dict[_Key, list[int]]) -> list[_Row]:
 
 def last_copy_tuple(tuples: bytes) -> int:
     """Where the last of these binary COPY tuples starts (each a 16-bit field
-    count, then each field as a 32-bit length, -1 for NULL, and its bytes;
-    big-endian). A ValueError unless there is one at least, and the last ends
-    where the bytes do."""
+    count, then each field as a 32-bit length and its bytes; big-endian). A
+    ValueError unless there is one at least, each has the 11 fields of
+    pixel_counts, none NULL, and the last ends where the bytes do."""
     if type(tuples) is not bytes:
         raise TypeError(
             f"Argument 'tuples' has incorrect type (expected bytes, got {type(tuples).__name__})"
@@ -421,14 +422,22 @@ def last_copy_tuple(tuples: bytes) -> int:
         while at < len(tuples):
             last = at
             (fields,) = _COPY_FIELD_COUNT.unpack_from(tuples, at)
+            if fields != _COPY_FIELDS:
+                at = -1
+                break
             at += 2
             for _ in range(fields):
                 (length,) = _COPY_FIELD_LENGTH.unpack_from(tuples, at)
-                at += 4 + max(length, 0)
+                if length < 0 or len(tuples) - at - 4 < length:
+                    at = -1
+                    break
+                at += 4 + length
+            if at < 0:
+                break
     except struct.error:
         at = -1
     if last < 0 or at != len(tuples):
-        raise ValueError("not binary COPY tuples, or the last one is cut short")
+        raise ValueError("not binary COPY tuples of pixel_counts, or the last one is cut short")
     return last
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from _fastcount import Window, last_copy_tuple
+from _fastcount import COLUMNS, Counters, Window, last_copy_tuple
 
 # Rows per batch, at most. A bigger window makes several batches, which the flusher merges
 # over several connections at once; each is a transaction of its own, short enough that a
@@ -79,6 +79,8 @@ class Batch:
     def from_bytes(cls, data: bytes) -> Batch:
         """Reads :meth:`to_bytes`; a ValueError for anything else, a cut-off file included."""
         head, newline, copy = data.partition(b"\n")
+        if not newline and data.startswith(b"{"):
+            return _from_json_rows(data)
         if not newline or not copy.startswith(COPY_HEADER) or not copy.endswith(COPY_TRAILER):
             raise ValueError("not a spooled batch: a JSON line, then a binary COPY file")
         document = orjson.loads(head)
@@ -101,6 +103,33 @@ class Batch:
         if not whole:
             raise ValueError(f"not a spooled batch: last_tuple is {last_tuple!r}")
         return cls(uuid.UUID(str(document.get("batch_id"))), rows, tuples, last_tuple)
+
+
+def _from_json_rows(data: bytes) -> Batch:
+    """A spool file from before the binary format: one JSON document, ``{"batch_id": ...,
+    "rows": [[bucket (unix seconds), campaign, creative, affiliate, sub_id, impressions,
+    givt_impressions, measurable, viewable, clicks, givt_clicks], ...]}``. Its rows are encoded
+    anew by the counter engine, all in one batch under the file's id, so a batch applied before
+    the upgrade is still applied once."""
+    try:
+        document = orjson.loads(data)
+        rows = document["rows"]
+        batch_id = uuid.UUID(document["batch_id"])
+        counters = Counters(max_keys=max(len(rows), 1))
+        for bucket, campaign, creative, affiliate, sub_id, *counts in rows:
+            if len(counts) != len(COLUMNS):
+                raise ValueError(f"a row of {5 + len(counts)} values")
+            for field, count in enumerate(counts):
+                if count:
+                    counters.add(bucket, campaign, creative, affiliate, sub_id, field, count)
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
+        raise ValueError(f"not a spooled batch: {type(error).__name__}: {error}") from None
+    window = counters.swap()
+    keys = len(window)
+    if window.overflowed or not keys:
+        raise ValueError("not a spooled batch: no counts")
+    tuples = window.drain_copy(keys)
+    return Batch(batch_id, keys, tuples, last_copy_tuple(tuples))
 
 
 def _key_at(tuples: bytes, start: int) -> Key:

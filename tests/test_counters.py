@@ -323,8 +323,10 @@ def test_add_query_errors(counters_impl: ModuleType) -> None:
         counters.add_query(B, b"cid", 0, 3, 6, 128)
     with pytest.raises(TypeError):
         counters.add_query(B, "cid", 0, 3, 0, 128)
-    with pytest.raises(OverflowError):
+    with pytest.raises(OverflowError, match=r"C long$"):
         counters.add_query(2**63, b"cid", 0, 3, 0, 128)
+    with pytest.raises(OverflowError, match=r"C ssize_t$"):
+        counters.add_query(B, b"cid", 0, 2**63, 0, 128)
     assert len(counters) == 0
 
 
@@ -820,11 +822,23 @@ def test_last_copy_tuple(counters_impl: ModuleType) -> None:
         head = window.drain_copy(keys - 1) if keys > 1 else b""
         tuples = head + window.drain_copy(1)
         assert counters_impl.last_copy_tuple(tuples) == len(head)
-    for broken in (b"", tuples[:-1], tuples + b"\x00", tuples[:1]):
-        with pytest.raises(ValueError, match="not binary COPY tuples"):
+    trailer = struct.pack(">h", -1)  # a COPY file's end, inside the tuples
+    fewer = struct.pack(">h", 10) + tuples[2:]  # a field count that is not pixel_counts'
+    first_length = struct.calcsize(">hi")
+    null = tuples[:2] + struct.pack(">i", -1) + tuples[first_length + 8 :]  # a NULL bucket
+    for broken in (
+        b"",
+        tuples[:-1],
+        tuples + b"\x00",
+        tuples[:1],
+        trailer + tuples,
+        head + trailer,
+        fewer,
+        null,
+        struct.pack(">hi", 1, -1),
+    ):
+        with pytest.raises(ValueError, match="not binary COPY tuples of pixel_counts"):
             counters_impl.last_copy_tuple(broken)
-    null = struct.pack(">hi", 1, -1)  # one field, NULL
-    assert counters_impl.last_copy_tuple(null + null) == len(null)
     with pytest.raises(TypeError):
         counters_impl.last_copy_tuple(bytearray(tuples))
 

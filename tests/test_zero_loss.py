@@ -10,10 +10,12 @@ import struct
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 
@@ -205,6 +207,46 @@ def test_a_spool_file_from_before_timestamptz_buckets_is_read(tmp_path: Path) ->
     struct.pack_into(">q", seconds, 6, 2**62)  # a bucket past timestamptz
     with pytest.raises(ValueError, match="out of range"):
         Batch.from_bytes(b"".join((head, b"\n", COPY_HEADER, seconds, COPY_TRAILER)))
+
+
+async def test_a_spool_file_from_before_the_binary_format_is_applied_once(
+    database: str, tmp_path: Path
+) -> None:
+    """Spool files written when a batch was one JSON document of rows, with unix-second
+    buckets, are applied under their own batch id: once, even when the file comes twice. One
+    that is not such a document goes to the dead letters."""
+    batch_id = uuid.uuid4()
+    rows = [
+        [1_700_000_040, "json-a", "", "", "", 1, 0, 0, 0, 0, 0],
+        [1_700_000_100, "json-b", "cr", "aff", "sub", 0, 0, 2, 1, 0, 3],
+        [1_700_000_100, "json-c", "", "", "", 0, 0, 0, 0, 0, 0],
+    ]
+    document = orjson.dumps({"batch_id": str(batch_id), "rows": rows})
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for n in (1, 2):
+        (spool / f"{n:020d}-{batch_id}.batch").write_bytes(document)
+    damaged = orjson.dumps({"batch_id": str(uuid.uuid4()), "rows": [[60, "short", "", ""]]})
+    (spool / f"{3:020d}-{uuid.uuid4()}.batch").write_bytes(damaged)
+    flusher = Flusher(Counters(), database, Metrics(), 1.0, Spool(spool, 1 << 20), 10, 2)
+    await flusher.flush()
+    await flusher.close(5.0)
+    assert await totals_by_key(database) == {
+        ("json-a", "", "", ""): (1, 0, 0, 0, 0, 0),
+        ("json-b", "cr", "aff", "sub"): (0, 0, 2, 1, 0, 3),
+    }
+    connection = await asyncpg.connect(database)
+    try:
+        buckets = await connection.fetch(
+            "SELECT campaign, extract(epoch FROM bucket)::bigint FROM pixel_counts ORDER BY 1"
+        )
+        ledger = await connection.fetch("SELECT batch_id, row_count FROM flush_batches")
+    finally:
+        await connection.close()
+    assert [tuple(row) for row in buckets] == [("json-a", 1_700_000_040), ("json-b", 1_700_000_100)]
+    assert [tuple(row) for row in ledger] == [(batch_id, 2)]
+    assert not list(spool.glob("*.batch"))
+    assert [path.read_bytes() for path in (spool / "dead-letter").iterdir()] == [damaged]
 
 
 def test_a_spool_file_that_misplaces_its_last_row_is_not_a_batch() -> None:
