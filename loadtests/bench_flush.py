@@ -6,11 +6,12 @@ On a PostgreSQL cluster of its own, with the flusher as the server runs it (two 
 ``--flush-connections``' default), it prints:
 - resident memory per live key, with 1,000,000 keys held by the counter engine;
 - the longest event-loop stall while the flusher seals and merges windows of 200,000 distinct
-  keys (a 1 ms ticker measures how late it wakes): once with PostgreSQL pinned to a core of its
-  own, as on a machine of its own, and once sharing every core with it;
+  keys, new and then again (a 1 ms ticker measures how late it wakes): once with PostgreSQL
+  pinned to a core of its own, as on a machine of its own, and once sharing every core with it;
 - the time to seal, COPY and merge a window of 1,000,000 new keys, then the same keys again
   (every row exists: the merge updates them all, as when a bucket spans several flushes);
-  medians of three rounds, each in a bucket of its own;
+  medians of three rounds, each in a bucket of its own; and PostgreSQL's CPU time for each,
+  which shows how much of the machine the database took;
 - for a window of 1,000,000 new keys, the sealing apart from the COPY and merge over one
   connection.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -31,9 +33,9 @@ from pathlib import Path
 import orjson
 import uvloop
 
-from _fastcount import IMPRESSIONS, Counters
+from _fastcount import COLUMNS, IMPRESSIONS, Counters
 from server import storage
-from server.batch import Batch, seal_window
+from server.batch import Batch, seal
 from server.embedded import EmbeddedPostgres
 from server.flusher import Flusher
 from server.metrics import Metrics, resident_bytes
@@ -51,46 +53,80 @@ def fill(counters: Counters, keys: int, bucket: int = BUCKET) -> None:
         )
 
 
+@dataclasses.dataclass
+class Flushes:
+    """What :func:`stall_while_flushing` measured."""
+
+    stalls_ms: list[float]  # the longest event-loop stall of each flush, in turn
+    new_s: float  # median seconds to flush the keys new
+    again_s: float  # median seconds to flush the same keys again (every row updated)
+    new_cpu_s: float  # PostgreSQL's median CPU seconds for those flushes
+    again_cpu_s: float
+
+    @property
+    def stall_ms(self) -> float:
+        return max(self.stalls_ms)
+
+    def stalls(self) -> str:
+        """The longest stall, and each flush's (new keys, then again, round by round)."""
+        each = ", ".join(f"{ms:.1f}" for ms in self.stalls_ms)
+        return f"longest event-loop stall {self.stall_ms:.1f} ms (each flush's: {each})"
+
+
 async def stall_while_flushing(
-    dsn: str, spool: Path, keys: int, first_bucket: int
-) -> tuple[float, float, float]:
-    """(longest stall in ms, median seconds to flush ``keys`` new keys, median seconds to flush
-    the same keys again) over ROUNDS rounds, each in a bucket of its own from
-    ``first_bucket`` on, flushed as the server does."""
+    postgres: EmbeddedPostgres, spool: Path, keys: int, first_bucket: int
+) -> Flushes:
+    """Flushes ``keys`` new keys, then the same keys again, as the server does, in ROUNDS
+    rounds, each in a bucket of its own from ``first_bucket`` on, while a 1 ms ticker
+    measures how late the event loop wakes."""
     counters = Counters(max_keys=2 * keys)
-    flusher = Flusher(counters, dsn, Metrics(), 1.0, Spool(spool, 1 << 30), 10, CONNECTIONS)
+    flusher = Flusher(
+        counters, postgres.dsn, Metrics(), 1.0, Spool(spool, 1 << 30), 10, CONNECTIONS
+    )
     await flusher.flush()  # connect and migrate first
-    worst = 0.0
+    worst = 0.0  # of the flush in progress
     running = True
+    fills = 0  # a tick across a fill() of the counters is not the flusher's stall
+    stalls: list[float] = []
 
     async def ticker() -> None:
         # perf_counter, not loop.time(): uvloop's clock has millisecond steps.
         nonlocal worst
         while running:
-            before = time.perf_counter()
+            before, seen = time.perf_counter(), fills
             await asyncio.sleep(0.001)
-            worst = max(worst, time.perf_counter() - before - 0.001)
+            if seen == fills:
+                worst = max(worst, time.perf_counter() - before - 0.001)
 
-    async def timed_flush() -> float:
+    async def timed_flush(bucket: int) -> tuple[float, float]:
+        nonlocal fills, worst
+        fill(counters, keys, bucket)
+        fills += 1
+        worst = 0.0
+        cpu = database_cpu_seconds(postgres)
         started = time.perf_counter()
         await flusher.flush()
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        stalls.append(round(worst * 1000, 1))
+        return seconds, database_cpu_seconds(postgres) - cpu
 
+    probe = asyncio.create_task(ticker())
+    await asyncio.sleep(0.05)
     new, again = [], []
     for round_number in range(ROUNDS):
         bucket = first_bucket + 60 * round_number
-        fill(counters, keys, bucket)
-        probe = asyncio.create_task(ticker())
-        await asyncio.sleep(0.05)
-        new.append(await timed_flush())
-        running = False
-        await probe
-        running = True
-        # The same keys: every row exists, each merge is an update.
-        fill(counters, keys, bucket)
-        again.append(await timed_flush())
+        new.append(await timed_flush(bucket))
+        again.append(await timed_flush(bucket))  # the same keys: every merge is an update
+    running = False
+    await probe
     await flusher.close(5.0)
-    return worst * 1000, statistics.median(new), statistics.median(again)
+    return Flushes(
+        stalls,
+        statistics.median(seconds for seconds, _ in new),
+        statistics.median(seconds for seconds, _ in again),
+        statistics.median(cpu for _, cpu in new),
+        statistics.median(cpu for _, cpu in again),
+    )
 
 
 async def phases(dsn: str, keys: int) -> tuple[float, float]:
@@ -101,7 +137,7 @@ async def phases(dsn: str, keys: int) -> tuple[float, float]:
     try:
         started = time.perf_counter()
         batches: list[Batch] = []
-        await asyncio.to_thread(seal_window, counters.swap(), batches.append)
+        await seal(counters.swap(), batches.append, [0] * len(COLUMNS))
         sealed = time.perf_counter() - started
         started = time.perf_counter()
         for batch in batches:
@@ -112,6 +148,19 @@ async def phases(dsn: str, keys: int) -> tuple[float, float]:
     return sealed, applied
 
 
+def database_cpu_seconds(postgres: EmbeddedPostgres) -> float:
+    """The CPU time PostgreSQL's processes have used: the postmaster's and its children's,
+    user and system (a backend that has exited is no longer counted, so measure between
+    points where the same connections are open)."""
+    postmaster = _postmaster(postgres)
+    ticks = 0
+    for pid in (postmaster, *_children(postmaster)):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def database_on_its_own_core(postgres: EmbeddedPostgres) -> Iterator[None]:
     """Pins PostgreSQL (the postmaster and its processes; backends inherit it) to the last core
@@ -119,7 +168,7 @@ def database_on_its_own_core(postgres: EmbeddedPostgres) -> Iterator[None]:
     flusher's two connections otherwise keep every core of a small machine busy, and the
     event loop waits for the CPU, not for anything of its own."""
     cores = os.sched_getaffinity(0)
-    postmaster = int((postgres.pgdata / "postmaster.pid").read_text().split()[0])
+    postmaster = _postmaster(postgres)
     family = [postmaster, *_children(postmaster)]
     own = {max(cores)}
     for pid in family:
@@ -134,6 +183,10 @@ def database_on_its_own_core(postgres: EmbeddedPostgres) -> Iterator[None]:
                 os.sched_setaffinity(pid, cores)
 
 
+def _postmaster(postgres: EmbeddedPostgres) -> int:
+    return int((postgres.pgdata / "postmaster.pid").read_text().split()[0])
+
+
 def _children(parent: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -145,7 +198,7 @@ def _children(parent: int) -> list[int]:
 
 
 def measure() -> dict[str, float]:
-    figures = {}
+    figures: dict[str, float] = {}
     # Memory first, in a process that has not freed any heap yet to reuse.
     counters = Counters(max_keys=2_000_000)
     fill(counters, 1)
@@ -160,30 +213,36 @@ def measure() -> dict[str, float]:
         postgres.start()
         try:
             with database_on_its_own_core(postgres):
-                stall, _, _ = uvloop.run(
-                    stall_while_flushing(postgres.dsn, folder / "p", 200_000, BUCKET - 3600)
+                pinned = uvloop.run(
+                    stall_while_flushing(postgres, folder / "p", 200_000, BUCKET - 3600)
                 )
-            figures.update(stall_ms_200k_own_core=stall)
+            figures.update(stall_ms_200k_own_core=pinned.stall_ms)
+            print(f"200,000 keys, PostgreSQL on a core of its own: {pinned.stalls()}")
+            shared = uvloop.run(stall_while_flushing(postgres, folder / "s", 200_000, BUCKET))
+            figures.update(
+                stall_ms_200k=shared.stall_ms,
+                flush_s_200k=shared.new_s,
+                reflush_s_200k=shared.again_s,
+            )
             print(
-                f"200,000 keys, PostgreSQL on a core of its own: longest event-loop stall"
-                f" {stall:.1f} ms (of {ROUNDS} flushes)"
+                f"200,000 keys, PostgreSQL on every core: {shared.stalls()}; flushed in"
+                f" {shared.new_s:.2f} s, again in {shared.again_s:.2f} s (medians)"
             )
-            stall, new, again = uvloop.run(
-                stall_while_flushing(postgres.dsn, folder / "s", 200_000, BUCKET)
+            million = uvloop.run(
+                stall_while_flushing(postgres, folder / "m", 1_000_000, BUCKET + 3600)
             )
-            figures.update(stall_ms_200k=stall, flush_s_200k=new, reflush_s_200k=again)
+            figures.update(
+                flush_s_1m=million.new_s,
+                reflush_s_1m=million.again_s,
+                flush_database_cpu_s_1m=million.new_cpu_s,
+                reflush_database_cpu_s_1m=million.again_cpu_s,
+            )
             print(
-                f"200,000 keys, PostgreSQL on every core: longest event-loop stall {stall:.1f} ms;"
-                f" flushed in {new:.2f} s, again in {again:.2f} s (medians)"
-            )
-            _, new, again = uvloop.run(
-                stall_while_flushing(postgres.dsn, folder / "m", 1_000_000, BUCKET + 3600)
-            )
-            figures.update(flush_s_1m=new, reflush_s_1m=again)
-            print(
-                f"1,000,000 keys: flushed (sealed, copied, merged) in {new:.2f} s;"
-                f" the same keys again (every row updated) in {again:.2f} s"
-                f" (medians of {ROUNDS})"
+                f"1,000,000 keys: flushed (sealed, copied, merged) in {million.new_s:.2f} s;"
+                f" the same keys again (every row updated) in {million.again_s:.2f} s"
+                f" (medians of {ROUNDS}), for which PostgreSQL used {million.new_cpu_s:.2f} s"
+                f" and {million.again_cpu_s:.2f} s of CPU time on this machine's"
+                f" {os.cpu_count()} cores"
             )
             sealed, applied = uvloop.run(phases(postgres.dsn, 1_000_000))
             figures.update(seal_s_1m=sealed, apply_one_connection_s_1m=applied)

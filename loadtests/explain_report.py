@@ -3,7 +3,7 @@
 Fills a scratch database with generated rows (10 million by default: 30 days of one-minute
 buckets, about 230 keys each, out of 40 campaigns, 1,000 creatives, 200 affiliates and 5
 sub-ids), then prints ``EXPLAIN (ANALYZE, BUFFERS)`` of what ``pixel-server report`` and the
-operator page ask, each run once to warm the cache and once measured, and what merging a flush
+operator page ask, each run once to warm the cache and once measured, and what applying a flush
 batch of new rows costs. It prints; it asserts nothing.
 
     .venv/bin/python -m loadtests.explain_report --rows 10000000 --days 30
@@ -126,7 +126,7 @@ async def flush_cost(dsn: str, end: datetime) -> None:
     finally:
         await connection.close()
     median = statistics.median(seconds) * 1000
-    print(f"\n=== a flush batch of {FLUSH_ROWS:,} new rows merged: {median:.1f} ms (median)")
+    print(f"\n=== a flush batch of {FLUSH_ROWS:,} new rows applied: {median:.1f} ms (median)")
 
 
 async def generate(connection: Any, rows: int, days: int) -> datetime:
