@@ -149,15 +149,17 @@ async def phases(dsn: str, keys: int) -> tuple[float, float]:
 
 
 def database_cpu_seconds(postgres: EmbeddedPostgres) -> float:
-    """The CPU time PostgreSQL's processes have used: the postmaster's and its children's,
-    user and system (a backend that has exited is no longer counted, so measure between
-    points where the same connections are open)."""
+    """The CPU time PostgreSQL's processes have used, user and system: the postmaster's, its
+    running children's, and its exited children's (autovacuum workers, say), which the
+    postmaster collected."""
     postmaster = _postmaster(postgres)
     ticks = 0
     for pid in (postmaster, *_children(postmaster)):
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
             ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            if pid == postmaster:
+                ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -77,7 +77,8 @@ class Batch:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Batch:
-        """Reads :meth:`to_bytes`; a ValueError for anything else, a cut-off file included."""
+        """Reads :meth:`to_bytes`, or a spool file of an earlier format; a ValueError for
+        anything else, a cut-off file included."""
         head, newline, copy = data.partition(b"\n")
         if not newline and data.startswith(b"{"):
             return _from_json_rows(data)
@@ -114,7 +115,7 @@ def _from_json_rows(data: bytes) -> Batch:
     try:
         document = orjson.loads(data)
         rows = document["rows"]
-        batch_id = uuid.UUID(document["batch_id"])
+        batch_id = uuid.UUID(str(document["batch_id"]))
         counters = Counters(max_keys=max(len(rows), 1))
         for bucket, campaign, creative, affiliate, sub_id, *counts in rows:
             if len(counts) != len(COLUMNS):
@@ -173,7 +174,7 @@ def _seconds_to_timestamptz(tuples: bytes) -> tuple[bytes, int, int]:
         at += 2
         for _ in range(fields):
             (size,) = _INT32.unpack_from(converted, at)
-            at += 4 + max(size, 0)
+            at += 4 + size  # never NULL: last_copy_tuple said so
     return bytes(converted), last, count
 
 
@@ -199,7 +200,8 @@ async def seal(window: Window, add: Callable[[Batch], object], events: list[int]
 
     def hand_over() -> None:
         while made:
-            add(made.popleft())
+            add(made[0])  # a batch leaves the deque once add() has it
+            made.popleft()
 
     def sealed(batch: Batch) -> None:  # in the sealing thread
         made.append(batch)

@@ -1,6 +1,6 @@
 """The flusher: every ``--flush-interval`` it swaps the counters out, seals the window into
 batches and merges the pending batches into PostgreSQL, over ``--flush-connections``
-connections at once; each new batch is merged as soon as it is sealed, while the rest of the
+connections at once; each new batch is applied as soon as it is sealed, while the rest of the
 window is still being encoded.
 
 Counting never waits for it: the swap is O(1), the counter engine sorts and encodes a window in
@@ -239,6 +239,14 @@ class Flusher:
             ]
             if errors:
                 raise errors[0]
+        except asyncio.CancelledError:
+            # A statement cut short can leave the driver wrong about its connection: a BEGIN
+            # cancelled in flight leaves it taking every later transaction for a savepoint
+            # of one that is never committed. So the connections go, and the batches that
+            # were being applied stay pending for the next try on fresh ones (the ledger
+            # skips any that did commit).
+            self._disconnect()
+            raise
         except _RETRYABLE as error:
             self._failed(error)
             return
@@ -340,12 +348,16 @@ class Flusher:
             redact(self._dsn),
         )
 
-    def _failed(self, error: BaseException) -> None:
-        self._metrics.flush_failures += 1
-        self._failures += 1
+    def _disconnect(self) -> None:
+        """Drops the connections at once; the next apply opens new ones."""
         connections, self._connections = self._connections, []
         for connection in connections:
             connection.terminate()
+
+    def _failed(self, error: BaseException) -> None:
+        self._metrics.flush_failures += 1
+        self._failures += 1
+        self._disconnect()
         delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**self._failures))
         self._retry_at = asyncio.get_running_loop().time() + delay
         self.problem = f"database {redact(self._dsn)} unreachable: {error}"
