@@ -627,17 +627,15 @@ cdef Py_ssize_t copy_size(Entry **rows, Py_ssize_t n) noexcept nogil:
 
 cdef enum:
     PG_EPOCH = 946684800  # 2000-01-01 00:00:00 UTC in unix seconds
-cdef int64_t PG_SECONDS = INT64_MAX // 1000000  # as many as int64 microseconds hold
+# The buckets timestamptz holds, in unix seconds: 4714-11-24 00:00:00 BC to
+# 294276-12-31 23:59:59 UTC (PostgreSQL's MIN_TIMESTAMP and END_TIMESTAMP).
+cdef int64_t FIRST_BUCKET = -210866803200
+cdef int64_t LAST_BUCKET = 9224318015999
 
 
 cdef inline int64_t pg_timestamp(int64_t seconds) noexcept nogil:
-    """Unix seconds as PostgreSQL's timestamptz: microseconds since its epoch;
-    past what int64 holds, PostgreSQL's -infinity (INT64_MIN) or infinity
-    (INT64_MAX)."""
-    if seconds > PG_EPOCH + PG_SECONDS:
-        return INT64_MAX
-    if seconds < PG_EPOCH - PG_SECONDS:
-        return INT64_MIN
+    """Unix seconds, from FIRST_BUCKET to LAST_BUCKET (no row holds others), as
+    PostgreSQL's timestamptz: microseconds since its epoch."""
     return (seconds - PG_EPOCH) * 1000000
 
 
@@ -864,8 +862,9 @@ cdef class Counters:
         """Adds n (>= 1) to one field, IMPRESSIONS to GIVT_CLICKS, of the key's row.
 
         bucket is the unix time of the bucket start. A dimension that is not a
-        str is a TypeError; a field or n out of range a ValueError; an integer
-        or a count past int64 an OverflowError.
+        str is a TypeError; a field or n out of range, or a bucket PostgreSQL's
+        timestamptz cannot hold (before 4714 BC, after 294276), a ValueError; an
+        integer or a count past int64 an OverflowError.
         """
         cdef Key key
         key.bucket = as_int64(bucket)
@@ -937,6 +936,9 @@ cdef class Counters:
         self, Shard *s, Entry **slot, Key *key, uint64_t h, int64_t field, int64_t n
     ) except -1:
         cdef int i
+        if not FIRST_BUCKET <= key.bucket <= LAST_BUCKET:
+            raise ValueError(
+                f"bucket {key.bucket} is past what PostgreSQL's timestamptz holds")
         if key_is_overflow(key):
             shard_insert(s, &self._arena, slot, key, h, field, n)
             self._overflow_rows += 1
@@ -1076,8 +1078,8 @@ cdef class Window:
         tuples of PostgreSQL's binary COPY format; b"" once empty.
 
         The bytes hold no file header or trailer. Each tuple has 11 fields:
-        the bucket (timestamptz: microseconds since 2000-01-01 UTC; -infinity
-        or infinity past what that holds), the four dimensions (text as
+        the bucket (timestamptz: microseconds since 2000-01-01 UTC), the four
+        dimensions (text as
         UTF-8; an empty one is empty, never NULL), the six counts (bigint), in
         COLUMNS order: the columns of pixel_counts.
         drain() and drain_copy() take from the same rows. The window's memory

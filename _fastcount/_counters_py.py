@@ -61,6 +61,10 @@ _INT64_MAX: Final = 2**63 - 1
 _MAX_SHARDS: Final = 1 << 16
 _MAX_DIMENSION_BYTES: Final = 2**32 - 1
 _PG_EPOCH: Final = 946_684_800  # 2000-01-01 00:00:00 UTC in unix seconds
+# The buckets timestamptz holds, in unix seconds: 4714-11-24 00:00:00 BC to
+# 294276-12-31 23:59:59 UTC (PostgreSQL's MIN_TIMESTAMP and END_TIMESTAMP).
+_FIRST_BUCKET: Final = -210_866_803_200
+_LAST_BUCKET: Final = 9_224_318_015_999
 
 _Key = tuple[int, str, str, str, str]
 _Row = tuple[int, str, str, str, str, int, int, int, int, int, int]
@@ -139,8 +143,9 @@ class Counters:
         """Adds n (>= 1) to one field, IMPRESSIONS to GIVT_CLICKS, of the key's row.
 
         bucket is the unix time of the bucket start. A dimension that is not a
-        str is a TypeError; a field or n out of range a ValueError; an integer
-        or a count past int64 an OverflowError.
+        str is a TypeError; a field or n out of range, or a bucket PostgreSQL's
+        timestamptz cannot hold (before 4714 BC, after 294276), a ValueError; an
+        integer or a count past int64 an OverflowError.
         """
         if not (
             type(campaign) is str
@@ -222,6 +227,8 @@ class Counters:
         bucket, *dimensions = key
         if not _INT64_MIN <= bucket <= _INT64_MAX:
             raise OverflowError("Python int too large to convert to C long")
+        if not _FIRST_BUCKET <= bucket <= _LAST_BUCKET:
+            raise ValueError(f"bucket {bucket} is past what PostgreSQL's timestamptz holds")
         encoded = [dimension.encode() for dimension in dimensions]  # UnicodeEncodeError
         if key[1:] == (OVERFLOW_CAMPAIGN, "", "", ""):
             self._rows[key] = self._new_row(field, n)
@@ -341,8 +348,8 @@ class Window:
         tuples of PostgreSQL's binary COPY format; b"" once empty.
 
         The bytes hold no file header or trailer. Each tuple has 11 fields:
-        the bucket (timestamptz: microseconds since 2000-01-01 UTC; -infinity
-        or infinity past what that holds), the four dimensions (text as
+        the bucket (timestamptz: microseconds since 2000-01-01 UTC), the four
+        dimensions (text as
         UTF-8; an empty one is empty, never NULL), the six counts (bigint), in
         COLUMNS order: the columns of pixel_counts.
         drain() and drain_copy() take from the same rows. Drained rows free
@@ -442,14 +449,9 @@ def last_copy_tuple(tuples: bytes) -> int:
 
 
 def _pg_timestamp(seconds: int) -> int:
-    """Unix seconds as PostgreSQL's timestamptz: microseconds since its epoch;
-    past what int64 holds, PostgreSQL's -infinity or infinity."""
-    micros = (seconds - _PG_EPOCH) * 1_000_000
-    if micros > _INT64_MAX:
-        return _INT64_MAX
-    if micros < _INT64_MIN:
-        return _INT64_MIN
-    return micros
+    """Unix seconds, from _FIRST_BUCKET to _LAST_BUCKET (no row holds others), as
+    PostgreSQL's timestamptz: microseconds since its epoch."""
+    return (seconds - _PG_EPOCH) * 1_000_000
 
 
 def _copy_of(keys: list[_Key], rows: dict[_Key, list[int]]) -> bytes:

@@ -140,6 +140,28 @@ async def test_replaying_a_sealed_batch_leaves_the_totals_unchanged(database: st
         await connection.close()
 
 
+async def test_the_first_and_last_buckets_the_engine_takes_are_stored(database: str) -> None:
+    """The engine refuses buckets past what timestamptz holds (tests/test_counters.py); the
+    ones at either end go into PostgreSQL as they are."""
+    batch = batch_of(
+        (-210_866_803_200, "first", "", "", "", 1, 0, 0, 0, 0, 0),
+        (9_224_318_015_999, "last", "", "", "", 2, 0, 0, 0, 0, 0),
+    )
+    connection = await storage.connect(database, timeout=10)
+    try:
+        assert await storage.apply(connection, batch) is True
+        stored = await connection.fetch(
+            "SELECT campaign, to_char(bucket AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS BC'),"
+            " impressions FROM pixel_counts ORDER BY bucket"
+        )
+    finally:
+        await connection.close()
+    assert [tuple(row) for row in stored] == [
+        ("first", "4714-11-24 00:00:00 BC", 1),
+        ("last", "294276-12-31 23:59:59 AD", 2),
+    ]
+
+
 async def test_sigterm_with_the_database_down_spools_and_the_next_start_applies(
     pixel_server: Callable[..., PixelServer], database: str, tmp_path: Path
 ) -> None:
