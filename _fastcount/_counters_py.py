@@ -227,9 +227,9 @@ class Counters:
         bucket, *dimensions = key
         if not _INT64_MIN <= bucket <= _INT64_MAX:
             raise OverflowError("Python int too large to convert to C long")
+        encoded = [dimension.encode() for dimension in dimensions]  # UnicodeEncodeError
         if not _FIRST_BUCKET <= bucket <= _LAST_BUCKET:
             raise ValueError(f"bucket {bucket} is past what PostgreSQL's timestamptz holds")
-        encoded = [dimension.encode() for dimension in dimensions]  # UnicodeEncodeError
         if key[1:] == (OVERFLOW_CAMPAIGN, "", "", ""):
             self._rows[key] = self._new_row(field, n)
             self._overflow_rows += 1

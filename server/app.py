@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -90,14 +89,9 @@ async def _flushing(app: web.Application) -> AsyncIterator[None]:
     timeout = app[CONFIG].shutdown_timeout
     task = asyncio.create_task(flusher.run(), name="flusher")
     yield
-    flusher.stop()
-    # A quarter of the time for the flush in progress, then it is cancelled, which never
+    # A quarter of the time for the flush in progress, then it is cut short, which never
     # loses a sealed batch; close() takes it from there.
-    done, _ = await asyncio.wait({task}, timeout=timeout / 4)
-    if not done:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await flusher.finish(task, timeout / 4)
     await flusher.close(timeout)
 
 

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,17 @@ class Flusher:
         """Asks :meth:`run` to return after the flush in progress, if any."""
         self._stopping.set()
 
+    async def finish(self, running: asyncio.Task[None], seconds: float) -> None:
+        """Stops :meth:`run`, the task ``running``, giving the flush in progress ``seconds``.
+        Past them its connections are dropped, so it ends at once, its batches pending."""
+        self.stop()
+        if not await self._within(running, seconds):
+            log.warning(
+                "shutdown: the flush in progress did not finish within %.1f s; its connections"
+                " were dropped",
+                seconds,
+            )
+
     async def flush(self) -> None:
         """Seals the current window and, unless in backoff, applies what is pending meanwhile,
         each new batch as soon as it is sealed; then spools what the database did not take."""
@@ -136,12 +147,18 @@ class Flusher:
             log.error("shutdown: %d rows could not be sealed; dropped", unsealed)
         arrivals = self._queued()
         self._end(arrivals)
-        try:
-            await asyncio.wait_for(
-                self._apply_pending(min(CONNECT_TIMEOUT, timeout / 4), arrivals), timeout / 2
+        failures = self._failures
+        applied = await self._within(
+            self._apply_pending(min(CONNECT_TIMEOUT, timeout / 4), arrivals), timeout / 2
+        )
+        if not applied:
+            log.warning(
+                "shutdown: the database did not take the batches within %.1f s; they go to"
+                " the spool",
+                timeout / 2,
             )
-        except TimeoutError:
-            self._failed(TimeoutError("no answer within half the shutdown timeout"))
+            if self._failures == failures:
+                self._failed(TimeoutError("no answer within half the shutdown timeout"))
         await self._spool.refresh()
         await self._spool_in_memory()
         lost = [item for item in self._pending if item.path is None]
@@ -161,6 +178,28 @@ class Flusher:
                 await connection.close(timeout=CONNECT_TIMEOUT)
             except _RETRYABLE:
                 connection.terminate()
+
+    async def _within(self, work: Awaitable[None], seconds: float) -> bool:
+        """Awaits ``work`` for up to ``seconds``; False if it took longer. Then the connections
+        are dropped, so that what it waits for from the database fails at once and it ends on
+        its own, keeping its batches pending, rather than being cancelled mid-statement (it
+        is cancelled only if it still has not ended a connect timeout later)."""
+        task = asyncio.ensure_future(work)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=seconds)
+            if done:
+                await task
+                return True
+            self._disconnect()
+            done, _ = await asyncio.wait({task}, timeout=CONNECT_TIMEOUT)
+            if not done:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
 
     async def _seal_and_apply(self, connect_timeout: float) -> None:
         arrivals = self._queued()

@@ -158,6 +158,9 @@ class DatabaseProxy:
         # reaches the client: the ambiguous failure of a commit.
         self.cut_after_next_commit = False
         self.commits_cut = 0
+        # Cleared, the database's answers are held back, as when it hangs.
+        self._answering = asyncio.Event()
+        self._answering.set()
 
     def dsn(self, password: str = "") -> str:
         secret = f":{password}" if password else ""
@@ -165,6 +168,11 @@ class DatabaseProxy:
 
     async def open(self) -> None:
         self._server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+
+    def hang(self) -> None:
+        """Holds the database's answers back, the connections staying open, until
+        :meth:`close`: the database hangs."""
+        self._answering.clear()
 
     async def close(self) -> None:
         """Stops listening and cuts every open connection."""
@@ -210,6 +218,7 @@ class DatabaseProxy:
                 upstream.close()
                 writer.transport.abort()
                 return
+            await self._answering.wait()
             writer.write(data)
             await writer.drain()
         writer.close()

@@ -1049,6 +1049,8 @@ def test_constructor_accepts_bounds(counters_impl: ModuleType) -> None:
         ((B, "", "", "", "", 0, 0), ValueError),
         ((B, "", "", "", "", 0, -1), ValueError),
         ((B, "\udc80", "", "", "", 0), UnicodeEncodeError),  # lone surrogate
+        ((LAST_BUCKET + 1, "", "", "", "", 0), ValueError),
+        ((LAST_BUCKET + 1, "\udc80", "", "", "", 0), UnicodeEncodeError),  # then the bucket
         ((B, None, "", "", "", 6), TypeError),  # type errors come first
         ((2**63, "", "", "", "", 6), OverflowError),  # then the integers' ranges
     ],
@@ -1083,6 +1085,8 @@ def test_full_window_still_refuses_bad_arguments(counters_impl: ModuleType) -> N
         counters.add(B, "\udc80", "", "", "", 0)
     with pytest.raises(OverflowError):
         counters.add(2**63, "b", "", "", "", 0)
+    with pytest.raises(ValueError, match="timestamptz"):
+        counters.add(LAST_BUCKET + 1, "b", "", "", "", 0)
     assert counters.overflowed == 0
 
 

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -504,10 +505,7 @@ async def test_a_flush_cancelled_at_shutdown_loses_nothing_and_counts_nothing_tw
     counters = Counters()
     flusher = Flusher(counters, database, Metrics(), 1.0, Spool(tmp_path, 1 << 30), 10, 2)
     await flusher.flush()  # connected
-    expected = {}
-    for n in range(50_000):
-        counters.add(60, f"c{n % 7}", f"cr{n}", "", "", IMPRESSIONS, 1 + n % 3)
-        expected[(f"c{n % 7}", f"cr{n}", "", "")] = (1 + n % 3, 0, 0, 0, 0, 0)
+    expected = expect_keys(counters, 50_000)
     flushing = asyncio.create_task(flusher.flush())
     await asyncio.sleep(after)
     flushing.cancel()
@@ -516,6 +514,82 @@ async def test_a_flush_cancelled_at_shutdown_loses_nothing_and_counts_nothing_tw
     counters.add(120, "after", "", "", "", IMPRESSIONS, 5)
     expected[("after", "", "", "")] = (5, 0, 0, 0, 0, 0)
     await flusher.close(5.0)
+    restarted = Flusher(Counters(), database, Metrics(), 1.0, Spool(tmp_path, 1 << 30), 10, 2)
+    await restarted.flush()
+    await restarted.close(5.0)
+    assert await totals_by_key(database) == expected
+    assert not list(tmp_path.glob("*.batch"))
+
+
+def expect_keys(counters: Counters, keys: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Counts ``keys`` keys, each a few times; returns the totals they must end up with."""
+    expected: dict[tuple[str, ...], tuple[int, ...]] = {}
+    for n in range(keys):
+        counters.add(60, f"c{n % 7}", f"cr{n}", "", "", IMPRESSIONS, 1 + n % 3)
+        expected[(f"c{n % 7}", f"cr{n}", "", "")] = (1 + n % 3, 0, 0, 0, 0, 0)
+    return expected
+
+
+async def test_a_flush_cancelled_inside_a_begin_loses_nothing(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel lands just after a batch's BEGIN ran, before asyncpg took it in: asyncpg
+    then takes every later transaction on that connection for a savepoint of that one, which
+    is never committed, unless the connection is dropped."""
+    monkeypatch.setattr(batch_module, "BATCH_ROWS", 2_000)
+    counters = Counters()
+    flusher = Flusher(counters, database, Metrics(), 1.0, Spool(tmp_path, 1 << 30), 10, 2)
+    await flusher.flush()  # connected
+    expected = expect_keys(counters, 10_000)
+    begun = asyncio.Event()
+    execute = asyncpg.Connection.execute
+
+    async def execute_then_wait(self: asyncpg.Connection, query: str, *args: Any) -> Any:
+        result = await execute(self, query, *args)
+        if query.startswith("BEGIN") and not begun.is_set():
+            begun.set()
+            await asyncio.sleep(60)  # where the cancel lands
+        return result
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", execute_then_wait)
+    flushing = asyncio.create_task(flusher.flush())
+    await begun.wait()
+    flushing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flushing
+    await flusher.close(5.0)
+    restarted = Flusher(Counters(), database, Metrics(), 1.0, Spool(tmp_path, 1 << 30), 10, 2)
+    await restarted.flush()
+    await restarted.close(5.0)
+    assert await totals_by_key(database) == expected
+
+
+async def test_shutdown_with_the_database_hung_spools_in_time_and_the_next_start_applies(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database stops answering, its connections open, while a flush is under way: the
+    shutdown drops them rather than wait for answers (each statement would wait up to
+    storage.COMMAND_TIMEOUT, 60 s) or cancel the flush, spools what was not applied, and the
+    next start applies it once."""
+    monkeypatch.setattr(batch_module, "BATCH_ROWS", 2_000)
+    proxy = DatabaseProxy(database)
+    await proxy.open()
+    counters = Counters()
+    flusher = Flusher(counters, proxy.dsn(), Metrics(), 60.0, Spool(tmp_path, 1 << 30), 10, 2)
+    await flusher.flush()  # connected
+    expected = expect_keys(counters, 20_000)
+    proxy.hang()
+    running = asyncio.create_task(flusher.run())  # its first flush starts at once, and waits
+    try:
+        await asyncio.sleep(0.2)
+        await flusher.finish(running, 0.5)
+        # Its connections dropped, the flush failed at once and spooled its batches itself,
+        # not waiting to be cancelled.
+        assert running.done() and not running.cancelled()
+        await flusher.close(2.0)
+    finally:
+        await proxy.close()
+    assert flusher.pending_batches > 0  # in the spool
     restarted = Flusher(Counters(), database, Metrics(), 1.0, Spool(tmp_path, 1 << 30), 10, 2)
     await restarted.flush()
     await restarted.close(5.0)
