@@ -119,7 +119,12 @@ class Flusher:
         """Stops :meth:`run`, the task ``running``, giving the flush in progress ``seconds``.
         Past them its connections are dropped, so it ends at once, its batches pending."""
         self.stop()
-        if not await self._within(running, seconds):
+        try:
+            finished = await self._within(running, seconds)
+        except Exception:
+            log.exception("the flusher stopped on an error; the final flush goes on")
+            return
+        if not finished:
             log.warning(
                 "shutdown: the flush in progress did not finish within %.1f s; its connections"
                 " were dropped",
@@ -188,7 +193,8 @@ class Flusher:
         try:
             done, _ = await asyncio.wait({task}, timeout=seconds)
             if done:
-                await task
+                if not task.cancelled():
+                    task.result()  # raises what it raised
                 return True
             self._disconnect()
             done, _ = await asyncio.wait({task}, timeout=CONNECT_TIMEOUT)

@@ -595,3 +595,23 @@ async def test_shutdown_with_the_database_hung_spools_in_time_and_the_next_start
     await restarted.close(5.0)
     assert await totals_by_key(database) == expected
     assert not list(tmp_path.glob("*.batch"))
+
+
+async def test_a_flusher_that_stopped_on_a_bug_still_makes_the_final_flush(
+    database: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    counters = Counters()
+    flusher = Flusher(counters, database, Metrics(), 60.0, Spool(tmp_path, 1 << 20), 10, 2)
+
+    async def a_bug() -> None:
+        raise RuntimeError("a bug")
+
+    flusher.flush = a_bug  # type: ignore[method-assign]
+    running = asyncio.create_task(flusher.run())
+    await asyncio.sleep(0.01)
+    assert running.done()
+    counters.add(60, "kept", "", "", "", IMPRESSIONS, 3)
+    await flusher.finish(running, 1.0)
+    await flusher.close(5.0)
+    assert "the flusher stopped on an error" in caplog.text
+    assert await impressions(database) == {"kept": 3}
