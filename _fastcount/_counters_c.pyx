@@ -18,7 +18,6 @@ from cpython.pythread cimport (
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport (
     INT64_MAX,
-    INT64_MIN,
     UINT32_MAX,
     int16_t,
     int32_t,
@@ -1079,9 +1078,8 @@ cdef class Window:
 
         The bytes hold no file header or trailer. Each tuple has 11 fields:
         the bucket (timestamptz: microseconds since 2000-01-01 UTC), the four
-        dimensions (text as
-        UTF-8; an empty one is empty, never NULL), the six counts (bigint), in
-        COLUMNS order: the columns of pixel_counts.
+        dimensions (text as UTF-8; an empty one is empty, never NULL), the six
+        counts (bigint), in COLUMNS order: the columns of pixel_counts.
         drain() and drain_copy() take from the same rows. The window's memory
         is freed with its last row.
         """

@@ -349,9 +349,8 @@ class Window:
 
         The bytes hold no file header or trailer. Each tuple has 11 fields:
         the bucket (timestamptz: microseconds since 2000-01-01 UTC), the four
-        dimensions (text as
-        UTF-8; an empty one is empty, never NULL), the six counts (bigint), in
-        COLUMNS order: the columns of pixel_counts.
+        dimensions (text as UTF-8; an empty one is empty, never NULL), the six
+        counts (bigint), in COLUMNS order: the columns of pixel_counts.
         drain() and drain_copy() take from the same rows. Drained rows free
         their memory.
         """

@@ -26,9 +26,10 @@ from that offset on to its HTTP parser.
 
 from __future__ import annotations
 
-import operator
 import re
 from typing import Final, final
+
+from ._counters_py import _int64
 
 __all__ = ("MAX_HEADERS", "GetScanner")
 
@@ -75,8 +76,8 @@ class GetScanner:
                 f"Argument 'path' has incorrect type (expected bytes, got {type(path).__name__})"
             )
         self._path = path
-        self._max_line_size = _ssize(max_line_size)
-        self._max_field_size = _ssize(max_field_size)
+        self._max_line_size = _int64(max_line_size, "ssize_t")
+        self._max_field_size = _int64(max_field_size, "ssize_t")
 
     def scan(self, data: bytes, start: int) -> Scanned | None:
         """``(end, head_only, query_start, query_end, user_agent)`` for the request of the
@@ -90,7 +91,7 @@ class GetScanner:
             raise TypeError(
                 f"Argument 'data' has incorrect type (expected bytes, got {type(data).__name__})"
             )
-        start = _ssize(start)
+        start = _int64(start, "ssize_t")
         if not 0 <= start <= len(data):
             raise ValueError(f"start {start} is not in data of {len(data)} bytes")
         if data.startswith(b"GET ", start):
@@ -144,14 +145,6 @@ class GetScanner:
         if not hosts:
             return None
         return at + 2, head_only, query_start, query_end, user_agent or ""
-
-
-def _ssize(value: int) -> int:
-    """What the compiled module's Py_ssize_t arguments accept: __index__, int64 range."""
-    number = operator.index(value)
-    if not -(2**63) <= number < 2**63:
-        raise OverflowError("Python int too large to convert to C ssize_t")
-    return number
 
 
 def _match_end(pattern: re.Pattern[bytes], data: bytes, at: int) -> int:

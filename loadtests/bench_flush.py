@@ -5,14 +5,15 @@
 On a PostgreSQL cluster of its own, with the flusher as the server runs it (two connections,
 ``--flush-connections``' default), it prints:
 - resident memory per live key, with 1,000,000 keys held by the counter engine;
-- the longest event-loop stall while the flusher seals and merges windows of 200,000 distinct
+- the longest event-loop stall while the flusher seals and applies windows of 200,000 distinct
   keys, new and then again (a 1 ms ticker measures how late it wakes): once with PostgreSQL
   pinned to a core of its own, as on a machine of its own, and once sharing every core with it;
-- the time to seal, COPY and merge a window of 1,000,000 new keys, then the same keys again
-  (every row exists: the merge updates them all, as when a bucket spans several flushes);
+- the time to seal and apply a window of 1,000,000 new keys (copied straight into the table),
+  then the same keys again (every row exists: the merge updates them all, as when a bucket
+  spans several flushes);
   medians of three rounds, each in a bucket of its own; and PostgreSQL's CPU time for each,
   which shows how much of the machine the database took;
-- for a window of 1,000,000 new keys, the sealing apart from the COPY and merge over one
+- for a window of 1,000,000 new keys, the sealing apart from applying the batches over one
   connection.
 """
 

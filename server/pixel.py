@@ -57,23 +57,23 @@ def record(
     app[COUNTERS].add(current_bucket(app), *dimensions, field)
 
 
-def current_bucket(app: web.Application) -> int:
-    """The unix time the current bucket started."""
+def current_bucket(app: web.Application, now: float | None = None) -> int:
+    """The unix time the bucket of ``now`` (by default, the current time) started."""
     width = app[CONFIG].bucket_seconds
-    now = int(time.time())
-    return now - now % width
+    second = int(time.time() if now is None else now)
+    return second - second % width
 
 
 def count(request: web.Request, human_field: int, givt_field: int) -> None:
     """Counts one event of a GET request, or its rejection reason; never raises for bad input."""
-    query = raw_query(request)
-    count_query(
-        request.app, query, 0, len(query), givt.classify(request.headers), human_field, givt_field
-    )
+    app, query = request.app, raw_query(request)
+    reason = givt.classify(request.headers)
+    count_query(app, current_bucket(app), query, 0, len(query), reason, human_field, givt_field)
 
 
 def count_query(
     app: web.Application,
+    bucket: int,
     data: bytes,
     start: int,
     end: int,
@@ -81,11 +81,11 @@ def count_query(
     human_field: int,
     givt_field: int,
 ) -> None:
-    """Counts one event from the raw query string ``data[start:end]``: to ``givt_field`` when
-    the request has a GIVT reason (:func:`server.givt.classify`), else to ``human_field``. The
-    counter engine takes a plain query as it is; any other is parsed here."""
+    """Counts one event from the raw query string ``data[start:end]`` in ``bucket``: to
+    ``givt_field`` when the request has a GIVT reason (:func:`server.givt.classify`), else to
+    ``human_field``. The counter engine takes a plain query as it is; any other is parsed
+    here."""
     counters = app[COUNTERS]
-    bucket = current_bucket(app)
     field = human_field if givt_reason is None else givt_field
     if not counters.add_query(bucket, data, start, end, field, MAX_VALUE_BYTES):
         try:

@@ -42,7 +42,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from _fastcount import GIVT_IMPRESSIONS, IMPRESSIONS, GetScanner
 from server import givt
 from server.app_keys import METRICS
-from server.pixel import GIF, PIXEL_HEADERS, count_query
+from server.pixel import GIF, PIXEL_HEADERS, count_query, current_bucket
 
 PIXEL_PATH = b"/i.gif"
 # aiohttp's limits, where the server sets none.
@@ -60,13 +60,14 @@ class PixelAnswer:
         self._second = -1
         self._get = self._head_only = b""
 
-    def bytes(self, head_only: bool) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            date = f"Date: {formatdate(now, usegmt=True)}\r\n\r\n".encode()
+    def bytes(self, head_only: bool, now: float) -> bytes:
+        """The answer to a GET, or to a HEAD (``head_only``), at unix time ``now``."""
+        second = int(now)
+        if second != self._second:
+            date = f"Date: {formatdate(second, usegmt=True)}\r\n\r\n".encode()
             self._head_only = self._head + date
             self._get = self._head_only + GIF
-            self._second = now
+            self._second = second
         return self._head_only if head_only else self._get
 
 
@@ -148,19 +149,21 @@ class PixelRequestHandler(RequestHandler):
         """Counts and answers the pixel requests at the start of ``data``, in one write;
         returns where the bytes they do not take begin."""
         app, scan = self._app, self._scanner.scan
-        requests = app[METRICS].requests
+        # One clock reading for the requests of one read: they arrived together.
+        now = time.time()
+        bucket = current_bucket(app, now)
         answers = []
         end = 0
         while (request := scan(data, end)) is not None:
             end, head_only, query_start, query_end, user_agent = request
-            requests["/i.gif"] += 1
             if not head_only:
                 reason = givt.classify_user_agent(user_agent)
                 count_query(
-                    app, data, query_start, query_end, reason, IMPRESSIONS, GIVT_IMPRESSIONS
+                    app, bucket, data, query_start, query_end, reason, IMPRESSIONS, GIVT_IMPRESSIONS
                 )
-            answers.append(self._answer.bytes(head_only))
+            answers.append(self._answer.bytes(head_only, now))
         if answers:
+            app[METRICS].requests["/i.gif"] += len(answers)
             assert self.transport is not None
             self.transport.write(answers[0] if len(answers) == 1 else b"".join(answers))
         return end

@@ -116,8 +116,9 @@ def parse_dimensions(query: bytes) -> Dimensions:
 
 
 # The common case: printable ASCII with nothing to decode (no "%", "+", control or non-ASCII
-# byte), so every value is its own text, parsed without the general decoder. (The pixel's fast
-# path counts such a query in the counter engine, Counters.add_query, without parsing it here.)
+# byte), so every value is its own text, parsed without the general decoder. (The pixel counts
+# such a query in the counter engine, Counters.add_query, without parsing it here, unless a
+# parameter repeats or a value is too long; clicks and the viewability beacon parse it here.)
 _PLAIN = re.compile(rb"[!-$&-*,-~]*").fullmatch
 _PLAIN_PARAMS = {name.encode(): position for name, position in _DIMENSION_PARAMS.items()}
 

@@ -8,8 +8,9 @@ file back into the spool folder applies it again at the next start.
 
 The worker processes of one server share the folder. A temporary name carries the pid of its
 writer, so a starting process removes only what a dead one left, never a sibling's file in
-the making. The count and size of the files on disk are read in a worker thread, once per
-flush (:meth:`Spool.refresh`), never on the event loop that answers the pixels.
+the making. The count and size of the files on disk are read when the spool opens and then
+once per flush in a worker thread (:meth:`Spool.refresh`), not on each scrape or readiness
+check; in between, this process's writes and removals keep them current.
 """
 
 from __future__ import annotations
@@ -121,7 +122,9 @@ class Spool:
     def quarantine(self, path: Path) -> Path:
         """Moves an unreadable spool file to the dead letters as it is."""
         target = self.dead_letter_directory / path.name
+        size = path.stat().st_size
         os.replace(path, target)
+        self._count(-1, -size)
         return target
 
 

@@ -18,6 +18,8 @@ from loadtests.processes import PixelServer, free_port
 from server.batch import POSTGRES_EPOCH, Batch, seal_window
 
 __all__ = [
+    "FIRST_BUCKET",
+    "LAST_BUCKET",
     "DatabaseProxy",
     "PixelServer",
     "Row",
@@ -33,6 +35,12 @@ __all__ = [
     "wait_for",
     "with_database",
 ]
+
+
+# The first and last buckets PostgreSQL's timestamptz holds, in unix seconds:
+# 4714-11-24 00:00:00 BC and 294276-12-31 23:59:59 UTC.
+FIRST_BUCKET = -210_866_803_200
+LAST_BUCKET = 9_224_318_015_999
 
 
 async def wait_for(condition: Callable[[], object], timeout: float = 30.0) -> None:

@@ -7,9 +7,11 @@ import collections
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import asyncpg
 import pytest
 
 from _fastcount import IMPRESSIONS, Counters
@@ -17,8 +19,7 @@ from server import batch, storage
 from server.flusher import Flusher
 from server.metrics import Metrics
 from server.spool import Spool
-from tests import harness
-from tests.harness import PixelServer, fetch, totals_by_key
+from tests.harness import PixelServer, batch_of, fetch, totals_by_key
 
 REQUESTS = 20_000
 CONCURRENCY = 32
@@ -149,28 +150,40 @@ async def test_a_window_bigger_than_a_batch_is_merged_exactly_over_every_connect
     assert flusher.pending_batches == 0
 
 
+COPIED, MERGED = ["pixel_counts"], ["pixel_staging"]
+
+
 @pytest.mark.parametrize(
-    "existing",
+    ("existing", "copies"),
     [
-        [],  # every key new: copied straight in
-        ["a"],  # the first key has a row: merged
-        ["m"],  # a key between new first and last keys: the copy fails on it, then merged
-        ["z"],  # the last key has a row: merged
-        ["a", "m", "z"],
+        ([], COPIED),  # every key new: copied straight in
+        (["a"], MERGED),  # the first key has a row: merged
+        (["m"], COPIED + MERGED),  # a key between new first and last: the copy fails on it
+        (["z"], MERGED),  # the last key has a row: merged
+        (["a", "m", "z"], MERGED),
     ],
 )
 async def test_a_batch_of_new_keys_is_copied_and_one_with_any_existing_key_merged(
-    database: str, existing: list[str]
+    database: str, existing: list[str], copies: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     campaigns = ["a", "b0", "b1", "m", "y0", "y1", "z"]
+    tables: list[str] = []
+    copy_to_table = asyncpg.Connection.copy_to_table
+
+    async def noted_copy(self: asyncpg.Connection, table_name: str, **kwargs: Any) -> Any:
+        tables.append(table_name)
+        return await copy_to_table(self, table_name, **kwargs)
+
     connection = await storage.connect(database, 10.0)
     try:
         for campaign in existing:
-            before = harness.batch_of((3600, campaign, "", "", "", 5, 0, 0, 0, 1, 0))
+            before = batch_of((3600, campaign, "", "", "", 5, 0, 0, 0, 1, 0))
             assert await storage.apply(connection, before)
         rows = [(3600, campaign, "", "", "", 1, 0, 2, 1, 0, 0) for campaign in campaigns]
-        batch = harness.batch_of(*rows)
+        batch = batch_of(*rows)
+        monkeypatch.setattr(asyncpg.Connection, "copy_to_table", noted_copy)
         assert await storage.apply(connection, batch)
+        assert tables == copies  # where the batch's rows went
         assert not await storage.apply(connection, batch)  # the ledger: once only
     finally:
         await connection.close()
@@ -188,7 +201,7 @@ async def test_a_batch_of_new_keys_is_copied_and_one_with_any_existing_key_merge
 async def test_the_probe_finds_a_first_or_last_key_that_has_a_row(database: str) -> None:
     connection = await storage.connect(database, 10.0)
     try:
-        old = harness.batch_of((1_700_000_040, "m", "é", "", "", 1, 0, 0, 0, 0, 0))
+        old = batch_of((1_700_000_040, "m", "é", "", "", 1, 0, 0, 0, 0, 0))
         assert await storage.first_and_last_are_new(connection, old)
         assert await storage.apply(connection, old)
         assert not await storage.first_and_last_are_new(connection, old)
@@ -196,18 +209,16 @@ async def test_the_probe_finds_a_first_or_last_key_that_has_a_row(database: str)
             [("m", "é"), ("z", "")],  # first
             [("a", ""), ("m", "é")],  # last
         ):
-            batch = harness.batch_of(
-                *((1_700_000_040, c, cr, "", "", 1, 0, 0, 0, 0, 0) for c, cr in rows)
-            )
+            batch = batch_of(*((1_700_000_040, c, cr, "", "", 1, 0, 0, 0, 0, 0) for c, cr in rows))
             assert not await storage.first_and_last_are_new(connection, batch)
-        around = harness.batch_of(
+        around = batch_of(
             (1_700_000_040, "a", "", "", "", 1, 0, 0, 0, 0, 0),
             (1_700_000_040, "m", "é", "", "", 1, 0, 0, 0, 0, 0),
             (1_700_000_040, "z", "", "", "", 1, 0, 0, 0, 0, 0),
             (1_700_000_100, "m", "é", "", "", 1, 0, 0, 0, 0, 0),  # another bucket
         )
         assert await storage.first_and_last_are_new(connection, around)
-        far = harness.batch_of((300_000_000_000, "m", "é", "", "", 1, 0, 0, 0, 0, 0))
+        far = batch_of((300_000_000_000, "m", "é", "", "", 1, 0, 0, 0, 0, 0))
         assert not await storage.first_and_last_are_new(connection, far)  # past year 9999
     finally:
         await connection.close()

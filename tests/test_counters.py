@@ -21,7 +21,7 @@ import _fastcount._counters_py
 from server.batch import POSTGRES_EPOCH
 from server.metrics import resident_bytes
 from server.query import parse_dimensions
-from tests.harness import Row, copy_rows
+from tests.harness import FIRST_BUCKET, LAST_BUCKET, Row, copy_rows
 
 NO_EXTENSIONS = _fastcount.NO_EXTENSIONS
 PUBLIC_NAMES = {
@@ -39,10 +39,6 @@ PUBLIC_NAMES = {
     "last_copy_tuple",
 }
 B = 1_700_000_000  # a bucket start
-# The first and last buckets PostgreSQL's timestamptz holds, in unix seconds:
-# 4714-11-24 00:00:00 BC and 294276-12-31 23:59:59 UTC.
-FIRST_BUCKET = -210_866_803_200
-LAST_BUCKET = 9_224_318_015_999
 
 
 @pytest.fixture(params=["c", "py"], ids=["compiled", "pure-python"])

@@ -31,6 +31,8 @@ from server.flusher import Flusher
 from server.metrics import Metrics
 from server.spool import Spool
 from tests.harness import (
+    FIRST_BUCKET,
+    LAST_BUCKET,
     DatabaseProxy,
     PixelServer,
     batch_of,
@@ -145,8 +147,8 @@ async def test_the_first_and_last_buckets_the_engine_takes_are_stored(database: 
     """The engine refuses buckets past what timestamptz holds (tests/test_counters.py); the
     ones at either end go into PostgreSQL as they are."""
     batch = batch_of(
-        (-210_866_803_200, "first", "", "", "", 1, 0, 0, 0, 0, 0),
-        (9_224_318_015_999, "last", "", "", "", 2, 0, 0, 0, 0, 0),
+        (FIRST_BUCKET, "first", "", "", "", 1, 0, 0, 0, 0, 0),
+        (LAST_BUCKET, "last", "", "", "", 2, 0, 0, 0, 0, 0),
     )
     connection = await storage.connect(database, timeout=10)
     try:
@@ -212,7 +214,7 @@ async def test_poison_batch_is_dead_lettered_and_later_batches_land(
     assert "dead-lettered" in server.log()
 
 
-def test_a_spool_file_from_before_timestamptz_buckets_is_read(tmp_path: Path) -> None:
+def test_a_spool_file_from_before_timestamptz_buckets_is_read() -> None:
     """Spool files written while batches held buckets as unix seconds (no "last_tuple" in
     their first line) are read with the buckets converted."""
     batch = batch_of(
@@ -263,14 +265,10 @@ async def test_a_spool_file_from_before_the_binary_format_is_applied_once(
         ("json-a", "", "", ""): (1, 0, 0, 0, 0, 0),
         ("json-b", "cr", "aff", "sub"): (0, 0, 2, 1, 0, 3),
     }
-    connection = await asyncpg.connect(database)
-    try:
-        buckets = await connection.fetch(
-            "SELECT campaign, extract(epoch FROM bucket)::bigint FROM pixel_counts ORDER BY 1"
-        )
-        ledger = await connection.fetch("SELECT batch_id, row_count FROM flush_batches")
-    finally:
-        await connection.close()
+    buckets = await fetch(
+        database, "SELECT campaign, extract(epoch FROM bucket)::bigint FROM pixel_counts ORDER BY 1"
+    )
+    ledger = await fetch(database, "SELECT batch_id, row_count FROM flush_batches")
     assert [tuple(row) for row in buckets] == [("json-a", 1_700_000_040), ("json-b", 1_700_000_100)]
     assert [tuple(row) for row in ledger] == [(batch_id, 2)]
     assert not list(spool.glob("*.batch"))
@@ -496,11 +494,10 @@ async def test_the_first_batches_are_merged_while_the_rest_are_still_sealed(
 async def test_a_flush_cancelled_at_shutdown_loses_nothing_and_counts_nothing_twice(
     database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: float
 ) -> None:
-    """As the server's shutdown does: the flush in progress (sealing and merging at once) is
-    cancelled, close() flushes the rest, and the next start applies what was spooled. (A
-    cancel that lands in a transaction's BEGIN used to leave asyncpg taking the later
-    batches on that connection for savepoints of a transaction never committed: they were
-    lost. Where the cancel lands is a matter of timing, so several delays are tried.)"""
+    """The flush in progress (sealing and merging at once) is cancelled, as the shutdown does
+    as a last resort, close() flushes the rest, and the next start applies what was spooled.
+    Where the cancel lands is a matter of timing, so several delays are tried; the test after
+    next puts one inside a BEGIN on purpose."""
     monkeypatch.setattr(batch_module, "BATCH_ROWS", 2_000)
     counters = Counters()
     flusher = Flusher(counters, database, Metrics(), 1.0, Spool(tmp_path, 1 << 30), 10, 2)
@@ -553,7 +550,7 @@ async def test_a_flush_cancelled_inside_a_begin_loses_nothing(
 
     monkeypatch.setattr(asyncpg.Connection, "execute", execute_then_wait)
     flushing = asyncio.create_task(flusher.flush())
-    await begun.wait()
+    await asyncio.wait_for(begun.wait(), 10)
     flushing.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await flushing
@@ -608,7 +605,7 @@ async def test_a_flusher_that_stopped_on_a_bug_still_makes_the_final_flush(
 
     flusher.flush = a_bug  # type: ignore[method-assign]
     running = asyncio.create_task(flusher.run())
-    await asyncio.sleep(0.01)
+    await asyncio.wait({running}, timeout=5)
     assert running.done()
     counters.add(60, "kept", "", "", "", IMPRESSIONS, 3)
     await flusher.finish(running, 1.0)
