@@ -17,8 +17,8 @@ from cpython.pythread cimport (
 )
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport (
+    INT32_MAX,
     INT64_MAX,
-    UINT32_MAX,
     int16_t,
     int32_t,
     int64_t,
@@ -944,8 +944,8 @@ cdef class Counters:
             return 0
         if self._keys < self._max_keys:
             for i in range(NDIMS):
-                if <size_t>key.lens[i] > UINT32_MAX:
-                    raise ValueError("a dimension is longer than 2**32 - 1 bytes of UTF-8")
+                if key.lens[i] > INT32_MAX:  # COPY's field length is an int32
+                    raise ValueError("a dimension is longer than 2**31 - 1 bytes of UTF-8")
             shard_insert(s, &self._arena, slot, key, h, field, n)
             self._keys += 1
             return 0

@@ -59,7 +59,7 @@ _NFIELDS: Final = len(COLUMNS)
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 _MAX_SHARDS: Final = 1 << 16
-_MAX_DIMENSION_BYTES: Final = 2**32 - 1
+_MAX_DIMENSION_BYTES: Final = 2**31 - 1  # COPY's field length is an int32
 _PG_EPOCH: Final = 946_684_800  # 2000-01-01 00:00:00 UTC in unix seconds
 # The buckets timestamptz holds, in unix seconds: 4714-11-24 00:00:00 BC to
 # 294276-12-31 23:59:59 UTC (PostgreSQL's MIN_TIMESTAMP and END_TIMESTAMP).
@@ -74,7 +74,7 @@ _T = TypeVar("_T")
 # PostgreSQL's binary COPY tuple, big-endian: the field count, then each field
 # as an int32 length and its bytes. A dimension's length is packed unsigned, as
 # the compiled engine writes its uint32 lengths: the same bytes for any length
-# (PostgreSQL refuses text over 1 GB either way).
+# the engines take (under 2**31).
 _COPY_FIELDS: Final = 1 + 4 + _NFIELDS  # bucket, the four dimensions, the counts
 _COPY_BUCKET: Final = struct.Struct(">hiq")  # field count, length 8, bucket
 _COPY_LENGTH: Final = struct.Struct(">I")
@@ -236,7 +236,7 @@ class Counters:
             return
         if self._keys < self._max_keys:
             if any(len(value) > _MAX_DIMENSION_BYTES for value in encoded):
-                raise ValueError("a dimension is longer than 2**32 - 1 bytes of UTF-8")
+                raise ValueError("a dimension is longer than 2**31 - 1 bytes of UTF-8")
             self._rows[key] = self._new_row(field, n)
             self._keys += 1
             return

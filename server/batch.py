@@ -40,10 +40,9 @@ COPY_TRAILER = struct.pack(">h", -1)
 
 # A key as a tuple holds it: the bucket as timestamptz microseconds, then the dimensions.
 Key = tuple[int, str, str, str, str]
-_INT16 = struct.Struct(">h")
 _INT32 = struct.Struct(">i")
-_INT64 = struct.Struct(">q")
 _KEY_HEAD = struct.Struct(">hiq")  # field count, the bucket's length, the bucket
+_COUNTS = struct.Struct(">" + "iq" * len(COLUMNS))  # each count's length and value
 # Where PostgreSQL's timestamptz counts its microseconds from: 2000-01-01 00:00 UTC.
 POSTGRES_EPOCH = 946_684_800
 
@@ -56,10 +55,10 @@ class Batch:
     last_tuple: int  # where the last of them starts
 
     def first_key(self) -> Key:
-        return _key_at(self.tuples, 0)
+        return _key_at(self.tuples, 0)[0]
 
     def last_key(self) -> Key:
-        return _key_at(self.tuples, self.last_tuple)
+        return _key_at(self.tuples, self.last_tuple)[0]
 
     def to_bytes(self, **extra: Any) -> bytes:
         """The batch as a spool file: one JSON line (``{"batch_id": ..., "rows": ...,
@@ -91,31 +90,41 @@ class Batch:
         if type(rows) is not int or rows < 1:
             raise ValueError(f"not a spooled batch: rows is {rows!r}")
         tuples = copy[len(COPY_HEADER) : len(copy) - len(COPY_TRAILER)]
+        batch_id = uuid.UUID(str(document.get("batch_id")))
         last_tuple = document.get("last_tuple")
         if last_tuple is None:
             # Written before the buckets were timestamptz: they are unix seconds (bigint).
-            tuples, last_tuple, count = _seconds_to_timestamptz(tuples)
-            if count != rows:
-                raise ValueError(f"not a spooled batch: {count} tuples, {rows} rows")
+            return _from_rows(batch_id, _rows_with_seconds(tuples), rows)
         try:
             whole = last_copy_tuple(tuples) == last_tuple
         except ValueError as error:
             raise ValueError(f"not a spooled batch: {error}") from None
         if not whole:
             raise ValueError(f"not a spooled batch: last_tuple is {last_tuple!r}")
-        return cls(uuid.UUID(str(document.get("batch_id"))), rows, tuples, last_tuple)
+        return cls(batch_id, rows, tuples, last_tuple)
 
 
 def _from_json_rows(data: bytes) -> Batch:
     """A spool file from before the binary format: one JSON document, ``{"batch_id": ...,
     "rows": [[bucket (unix seconds), campaign, creative, affiliate, sub_id, impressions,
-    givt_impressions, measurable, viewable, clicks, givt_clicks], ...]}``. Its rows are encoded
-    anew by the counter engine, all in one batch under the file's id, so a batch applied before
-    the upgrade is still applied once."""
+    givt_impressions, measurable, viewable, clicks, givt_clicks], ...]}``."""
     try:
         document = orjson.loads(data)
         rows = document["rows"]
         batch_id = uuid.UUID(str(document["batch_id"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"not a spooled batch: {type(error).__name__}: {error}") from None
+    return _from_rows(batch_id, rows, None)
+
+
+def _from_rows(batch_id: uuid.UUID, rows: list[Any], expected: int | None) -> Batch:
+    """A spool file's rows of an earlier format (bucket in unix seconds, the dimensions, the
+    counts), encoded anew by the counter engine, which checks them as it checks any count, all
+    in one batch under the file's id: a batch applied before the upgrade is still applied
+    once. ``expected`` is the row count the file's first line gives, if any."""
+    if expected is not None and len(rows) != expected:
+        raise ValueError(f"not a spooled batch: {len(rows)} tuples, {expected} rows")
+    try:
         counters = Counters(max_keys=max(len(rows), 1))
         for bucket, campaign, creative, affiliate, sub_id, *counts in rows:
             if len(counts) != len(COLUMNS):
@@ -123,7 +132,7 @@ def _from_json_rows(data: bytes) -> Batch:
             for field, count in enumerate(counts):
                 if count:
                     counters.add(bucket, campaign, creative, affiliate, sub_id, field, count)
-    except (KeyError, TypeError, ValueError, OverflowError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise ValueError(f"not a spooled batch: {type(error).__name__}: {error}") from None
     window = counters.swap()
     keys = len(window)
@@ -133,9 +142,10 @@ def _from_json_rows(data: bytes) -> Batch:
     return Batch(batch_id, keys, tuples, last_copy_tuple(tuples))
 
 
-def _key_at(tuples: bytes, start: int) -> Key:
-    """The key of the tuple at ``start``: its field count, the bucket's length and value, then
-    each dimension's length and UTF-8. A ValueError for a tuple that holds none."""
+def _key_at(tuples: bytes, start: int) -> tuple[Key, int]:
+    """The key of the tuple at ``start`` (its field count, the bucket's length and value, then
+    each dimension's length and UTF-8), and where the key ends. A ValueError for a tuple that
+    holds none."""
     try:
         fields, size, when = _KEY_HEAD.unpack_from(tuples, start)
         at = start + _KEY_HEAD.size
@@ -151,31 +161,25 @@ def _key_at(tuples: bytes, start: int) -> Key:
     if fields != 11 or size != 8:
         raise ValueError(f"no key in the tuple at {start}: {fields} fields, bucket of {size}")
     campaign, creative, affiliate, sub_id = dimensions
-    return when, campaign, creative, affiliate, sub_id
+    return (when, campaign, creative, affiliate, sub_id), at
 
 
-def _seconds_to_timestamptz(tuples: bytes) -> tuple[bytes, int, int]:
-    """Tuples whose bucket is unix seconds, with it as timestamptz instead; where the last of
-    them starts; how many there are."""
-    try:
-        last = last_copy_tuple(tuples)
-    except ValueError as error:
-        raise ValueError(f"not a spooled batch: {error}") from None
-    converted = bytearray(tuples)
-    at = count = 0
-    while at < len(converted):
-        (seconds,) = _INT64.unpack_from(converted, at + 6)
+def _rows_with_seconds(tuples: bytes) -> list[Any]:
+    """The rows of COPY tuples whose bucket is a bigint (unix seconds): each its key, then its
+    six counts."""
+    rows: list[Any] = []
+    at = 0
+    while at < len(tuples):
         try:
-            _INT64.pack_into(converted, at + 6, (seconds - POSTGRES_EPOCH) * 1_000_000)
-        except struct.error:
-            raise ValueError(f"not a spooled batch: bucket {seconds} is out of range") from None
-        count += 1
-        (fields,) = _INT16.unpack_from(converted, at)
-        at += 2
-        for _ in range(fields):
-            (size,) = _INT32.unpack_from(converted, at)
-            at += 4 + size  # never NULL: last_copy_tuple said so
-    return bytes(converted), last, count
+            key, at = _key_at(tuples, at)
+            values = _COUNTS.unpack_from(tuples, at)
+        except (ValueError, struct.error) as error:
+            raise ValueError(f"not a spooled batch: {error}") from None
+        if values[::2] != (8,) * len(COLUMNS):
+            raise ValueError(f"not a spooled batch: a count is not a bigint at {at}")
+        rows.append((*key, *values[1::2]))
+        at += _COUNTS.size
+    return rows
 
 
 def seal_window(window: Window, add: Callable[[Batch], object]) -> tuple[int, ...]:

@@ -56,6 +56,7 @@ class Spool:
         # write() and remove() run in worker threads, several at once: each counts its file
         # under the lock, so that none undoes another's count.
         self._counting = threading.Lock()
+        self._changes = 0  # counted writes and removals, so refresh() can tell one ran meanwhile
         self.usage = self.scan()
 
     def paths(self) -> list[Path]:
@@ -73,8 +74,14 @@ class Spool:
         return Usage(len(paths), total)
 
     async def refresh(self) -> None:
-        """Counts the files on disk again, in a worker thread."""
-        self.usage = await asyncio.to_thread(self.scan)
+        """Counts the files on disk again, in a worker thread. A count that one of this
+        process's writes or removals ran across may or may not hold its file: it is dropped,
+        and the figures those keep current stand until the next refresh."""
+        changes = self._changes
+        usage = await asyncio.to_thread(self.scan)
+        with self._counting:
+            if self._changes == changes:
+                self.usage = usage
 
     @property
     def batches(self) -> int:
@@ -100,6 +107,7 @@ class Spool:
     def _count(self, batches: int, size: int) -> None:
         with self._counting:
             self.usage = Usage(self.usage.batches + batches, self.usage.bytes + size)
+            self._changes += 1
 
     def read(self, path: Path) -> Batch:
         return Batch.from_bytes(path.read_bytes())

@@ -761,6 +761,17 @@ def test_drain_copy_bytes(counters_impl: ModuleType) -> None:
     assert len(window) == 0
 
 
+def test_a_dimension_longer_than_a_copy_field_is_refused(counters_impl: ModuleType) -> None:
+    # COPY writes each field's length as an int32: a longer dimension would encode a negative
+    # length, and the batch holding it could not be sealed.
+    counters = counters_impl.Counters()
+    too_long = "a" * 2**31
+    with pytest.raises(ValueError, match=r"longer than 2\*\*31 - 1 bytes"):
+        counters.add(0, "c", "", too_long, "", 0)
+    del too_long
+    assert len(counters) == 0
+
+
 def test_buckets_past_timestamptz_are_refused(counters_impl: ModuleType) -> None:
     counters = counters_impl.Counters()
     for bucket in (FIRST_BUCKET - 1, LAST_BUCKET + 1, 2**63 - 1, -(2**63)):

@@ -29,7 +29,7 @@ from server.batch import COPY_HEADER, COPY_TRAILER, POSTGRES_EPOCH, Batch, seal,
 from server.embedded import EmbeddedPostgres
 from server.flusher import Flusher
 from server.metrics import Metrics
-from server.spool import Spool
+from server.spool import Spool, Usage
 from tests.harness import (
     FIRST_BUCKET,
     LAST_BUCKET,
@@ -230,9 +230,10 @@ def test_a_spool_file_from_before_timestamptz_buckets_is_read() -> None:
     assert Batch.from_bytes(old) == batch
     with pytest.raises(ValueError, match="not a spooled batch"):
         Batch.from_bytes(b"".join((head, b"\n", COPY_HEADER, seconds[:-3], COPY_TRAILER)))
-    struct.pack_into(">q", seconds, 6, 2**62)  # a bucket past timestamptz
-    with pytest.raises(ValueError, match="out of range"):
-        Batch.from_bytes(b"".join((head, b"\n", COPY_HEADER, seconds, COPY_TRAILER)))
+    for past in (LAST_BUCKET + 1, 2**62):  # buckets past timestamptz
+        struct.pack_into(">q", seconds, 6, past)
+        with pytest.raises(ValueError, match=r"not a spooled batch: .* past what PostgreSQL"):
+            Batch.from_bytes(b"".join((head, b"\n", COPY_HEADER, seconds, COPY_TRAILER)))
 
 
 async def test_a_spool_file_from_before_the_binary_format_is_applied_once(
@@ -328,6 +329,22 @@ async def test_spool_figures_follow_other_processes_after_refresh(tmp_path: Path
     theirs.remove(path)
     await ours.refresh()
     assert (ours.batches, ours.bytes) == (0, 0)
+
+
+async def test_a_refresh_that_a_write_ran_across_keeps_the_written_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path, 1 << 20)
+    scan = spool.scan
+
+    def scan_then_write() -> Usage:
+        before = scan()
+        spool.write(batch_of((60, "c", "", "", "", 1, 0, 0, 0, 0, 0)))  # after the scan looked
+        return before
+
+    monkeypatch.setattr(spool, "scan", scan_then_write)
+    await spool.refresh()
+    assert spool.usage == scan() and spool.batches == 1
 
 
 async def test_memory_cap_drops_are_counted_and_logged(
