@@ -41,10 +41,12 @@ CONNECT_TIMEOUT = 5.0
 
 # Errors after which the batch stays pending and the connections are opened anew.
 _RETRYABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-# SQLSTATE classes that say nothing about the batch itself: connection exceptions, transaction
-# rollbacks (serialization failures, deadlocks), lack of resources, operator intervention
-# (shutdown), system errors. Any other error of a batch's statements rejects that batch.
-_TRANSIENT_CLASSES = {"08", "40", "53", "55", "57", "58"}
+# SQLSTATE classes that reject the batch's data: cardinality violations (a key twice in one
+# merge), data exceptions (a value out of range), integrity constraint violations (a check an
+# operator added), program limits exceeded (a key too long for the index). Any other error
+# says nothing about the batch (a connection lost, a deadlock, a database made read-only or a
+# privilege revoked, an internal error): the batch waits for the database to be mended.
+_REJECTING_CLASSES = {"21", "22", "23", "54"}
 
 
 @dataclasses.dataclass
@@ -59,7 +61,7 @@ def is_permanent(error: BaseException) -> bool:
     """True when the batch itself was rejected, by PostgreSQL or by the driver's encoding of
     its rows (a ``ValueError``): retrying cannot help."""
     if isinstance(error, asyncpg.PostgresError):
-        return (error.sqlstate or "")[:2] not in _TRANSIENT_CLASSES
+        return (error.sqlstate or "")[:2] in _REJECTING_CLASSES
     return isinstance(error, ValueError)
 
 
@@ -107,7 +109,12 @@ class Flusher:
     async def run(self) -> None:
         """Flushes at once (connecting and migrating), then every interval, until stopped."""
         while not self._stopping.is_set():
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                # A bug, most likely: reported, and the next flush tries again, for a flusher
+                # that stopped would leave every count from then on in memory only.
+                log.exception("the flush failed; the next one tries again")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._interval)
 
@@ -119,12 +126,7 @@ class Flusher:
         """Stops :meth:`run`, the task ``running``, giving the flush in progress ``seconds``.
         Past them its connections are dropped, so it ends at once, its batches pending."""
         self.stop()
-        try:
-            finished = await self._within(running, seconds)
-        except Exception:
-            log.exception("the flusher stopped on an error; the final flush goes on")
-            return
-        if not finished:
+        if not await self._within(running, seconds):
             log.warning(
                 "shutdown: the flush in progress did not finish within %.1f s; its connections"
                 " were dropped",
@@ -322,10 +324,8 @@ class Flusher:
                 batch = await asyncio.to_thread(self._spool.read, item.path)
             except FileNotFoundError:
                 return  # applied and removed by another process sharing the spool
-            except ValueError as error:  # not a batch file (JSON or layout)
-                target = await asyncio.to_thread(self._spool.quarantine, item.path)
-                self._metrics.dead_lettered += 1
-                log.error("spool file %s is unreadable (%s); moved to %s", item.path, error, target)
+            except (ValueError, OSError) as error:  # not a batch file, or not readable
+                await self._quarantine(item.path, error)
                 return
         started = time.perf_counter()
         try:
@@ -348,11 +348,39 @@ class Flusher:
             return
         seconds = time.perf_counter() - started
         if item.path is not None:
-            await asyncio.to_thread(self._spool.remove, item.path)
+            try:
+                await asyncio.to_thread(self._spool.remove, item.path)
+            except OSError as error:
+                log.error(
+                    "batch %s is applied, but its spool file %s cannot be removed: %s; the"
+                    " ledger skips it at the next start",
+                    batch.batch_id,
+                    item.path,
+                    error,
+                )
         if applied:
             self._metrics.flushed(batch.rows, seconds)
         else:
             log.warning("batch %s was already applied; skipped", batch.batch_id)
+
+    async def _quarantine(self, path: Path, error: Exception) -> None:
+        """Moves a spool file that holds no batch, or cannot be read, to the dead letters.
+        The spool's own trouble: the database is not to blame, and the others go on."""
+        try:
+            target = await asyncio.to_thread(self._spool.quarantine, path)
+        except FileNotFoundError:
+            return  # moved by another process sharing the spool
+        except OSError as move_error:
+            log.error(
+                "spool file %s is unreadable (%s) and cannot be moved (%s); the next start"
+                " tries it again",
+                path,
+                describe(error),
+                move_error,
+            )
+            return
+        self._metrics.dead_lettered += 1
+        log.error("spool file %s is unreadable (%s); moved to %s", path, describe(error), target)
 
     async def _spool_in_memory(self) -> None:
         """Writes the batches held in memory to the spool, while it has room."""

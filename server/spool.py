@@ -69,8 +69,7 @@ class Spool:
         paths = self.paths()
         total = 0
         for path in paths:
-            with contextlib.suppress(FileNotFoundError):  # applied meanwhile by another process
-                total += path.stat().st_size
+            total += _size(path)
         return Usage(len(paths), total)
 
     async def refresh(self) -> None:
@@ -78,7 +77,13 @@ class Spool:
         process's writes or removals ran across may or may not hold its file: it is dropped,
         and the figures those keep current stand until the next refresh."""
         changes = self._changes
-        usage = await asyncio.to_thread(self.scan)
+        try:
+            usage = await asyncio.to_thread(self.scan)
+        except OSError as error:
+            log.error(
+                "cannot list spool %s: %s; its figures are not current", self.directory, error
+            )
+            return
         with self._counting:
             if self._changes == changes:
                 self.usage = usage
@@ -130,10 +135,19 @@ class Spool:
     def quarantine(self, path: Path) -> Path:
         """Moves an unreadable spool file to the dead letters as it is."""
         target = self.dead_letter_directory / path.name
-        size = path.stat().st_size
+        size = _size(path)
         os.replace(path, target)
         self._count(-1, -size)
         return target
+
+
+def _size(path: Path) -> int:
+    """A spooled file's size as counted: 0 for one that is gone (applied meanwhile by another
+    process) or cannot be read (the flusher moves it to the dead letters when it takes it)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _writer_alive(partial: Path) -> bool:

@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import struct
 import subprocess
 import threading
@@ -189,6 +190,27 @@ async def test_sigterm_with_the_database_down_spools_and_the_next_start_applies(
     assert await impressions(database) == {"kept": 25}
 
 
+async def test_a_database_that_refuses_writes_is_an_outage_not_a_bad_batch(
+    database: str, tmp_path: Path
+) -> None:
+    """A database turned read-only (a failover, a storage quota) says nothing about the
+    batches: they wait, the flusher reports not ready, and they land once it takes writes
+    again. None is dead-lettered."""
+    counters, metrics = Counters(), Metrics()
+    flusher = Flusher(counters, database, metrics, 1.0, Spool(tmp_path, 1 << 20), 10, 2)
+    counters.add(60, "before", "", "", "", IMPRESSIONS, 5)
+    await flusher.flush()
+    for connection in flusher._connections:  # read-only from their next transaction on
+        await connection.execute("SET default_transaction_read_only = on")
+    counters.add(60, "during", "", "", "", IMPRESSIONS, 7)
+    await flusher.flush()
+    assert not flusher.ready and "read-only" in flusher.problem
+    assert (metrics.flush_failures, metrics.dead_lettered) == (1, 0)
+    await flusher.close(5.0)  # on new connections, which take writes
+    assert await impressions(database) == {"before": 5, "during": 7}
+    assert metrics.dead_lettered == 0 and not list((tmp_path / "dead-letter").iterdir())
+
+
 async def test_poison_batch_is_dead_lettered_and_later_batches_land(
     pixel_server: Callable[..., PixelServer], database: str, tmp_path: Path
 ) -> None:
@@ -331,6 +353,31 @@ async def test_spool_figures_follow_other_processes_after_refresh(tmp_path: Path
     assert (ours.batches, ours.bytes) == (0, 0)
 
 
+async def test_an_unreadable_spool_file_is_moved_aside_and_blames_no_database(
+    database: str, tmp_path: Path
+) -> None:
+    """A spool entry that cannot be read (a folder in its place, a symbolic link to itself)
+    goes to the dead letters; the batches behind it land, even over one connection, and the
+    flusher stays ready."""
+    spool = Spool(tmp_path, 1 << 20)
+    (tmp_path / "00000000000000000001-folder.batch").mkdir()
+    loop = tmp_path / "00000000000000000002-loop.batch"
+    loop.symlink_to(loop.name)
+    spool.write(batch_of((60, "behind", "", "", "", 4, 0, 0, 0, 0, 0)))
+    metrics = Metrics()
+    flusher = Flusher(Counters(), database, metrics, 1.0, spool, 10, 1)
+    await flusher.flush()
+    assert flusher.ready and metrics.flush_failures == 0
+    assert await impressions(database) == {"behind": 4}
+    assert metrics.dead_lettered == 2
+    assert sorted(path.name for path in spool.dead_letter_directory.iterdir()) == [
+        "00000000000000000001-folder.batch",
+        "00000000000000000002-loop.batch",
+    ]
+    assert spool.usage == spool.scan() == (0, 0)
+    await flusher.close(5.0)
+
+
 async def test_a_refresh_that_a_write_ran_across_keeps_the_written_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -345,6 +392,22 @@ async def test_a_refresh_that_a_write_ran_across_keeps_the_written_count(
     monkeypatch.setattr(spool, "scan", scan_then_write)
     await spool.refresh()
     assert spool.usage == scan() and spool.batches == 1
+
+
+async def test_a_spool_that_cannot_be_listed_keeps_its_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path, 1 << 20)
+    spool.write(batch_of((60, "c", "", "", "", 1, 0, 0, 0, 0, 0)))
+    counted = spool.usage
+
+    def failing_disk() -> Usage:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool, "scan", failing_disk)
+    await spool.refresh()
+    assert spool.usage == counted and spool.batches == 1
+    assert "cannot list spool" in caplog.text
 
 
 async def test_memory_cap_drops_are_counted_and_logged(
@@ -611,21 +674,25 @@ async def test_shutdown_with_the_database_hung_spools_in_time_and_the_next_start
     assert not list(tmp_path.glob("*.batch"))
 
 
-async def test_a_flusher_that_stopped_on_a_bug_still_makes_the_final_flush(
+async def test_a_flush_that_fails_on_a_bug_is_reported_and_the_next_one_goes_on(
     database: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     counters = Counters()
-    flusher = Flusher(counters, database, Metrics(), 60.0, Spool(tmp_path, 1 << 20), 10, 2)
+    flusher = Flusher(counters, database, Metrics(), 0.05, Spool(tmp_path, 1 << 20), 10, 2)
+    flush, bugs = flusher.flush, list[int]()
 
-    async def a_bug() -> None:
-        raise RuntimeError("a bug")
+    async def a_bug_once() -> None:
+        if not bugs:
+            bugs.append(1)
+            raise RuntimeError("a bug")
+        await flush()
 
-    flusher.flush = a_bug  # type: ignore[method-assign]
-    running = asyncio.create_task(flusher.run())
-    await asyncio.wait({running}, timeout=5)
-    assert running.done()
+    flusher.flush = a_bug_once  # type: ignore[method-assign]
     counters.add(60, "kept", "", "", "", IMPRESSIONS, 3)
+    running = asyncio.create_task(flusher.run())
+    await wait_for(lambda: bugs and not len(counters) and not flusher.pending_batches)
+    assert not running.done()
     await flusher.finish(running, 1.0)
     await flusher.close(5.0)
-    assert "the flusher stopped on an error" in caplog.text
+    assert "the flush failed; the next one tries again" in caplog.text
     assert await impressions(database) == {"kept": 3}
