@@ -7,7 +7,9 @@ with wrk, one connection pool cycling through the User-Agents below, weighted as
 (mostly a few browser versions, a tail of bots). In the same run it times ``givt.classify`` on the
 same mix, in process, with a warm cache as the server has. It prints the server's requests/s,
 its time per request, the classify time per request, and their ratio: the share of pixel
-throughput that GIVT checking costs.
+throughput that GIVT checking costs. Then it times the worst it knows of, User-Agents of
+8,000 bytes (a header line's most) that no cache holds, against CrawlerDetect's own matching
+of the same patterns.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import sys
 import tempfile
 import timeit
 from pathlib import Path
+
+from crawlerdetect import CrawlerDetect
 
 from loadtests.processes import PixelServer
 from server import givt
@@ -71,6 +75,22 @@ def classify_seconds() -> float:
     return best / (loops * len(headers))
 
 
+# Long runs of the characters a bot pattern's prefix repeats, and of a common token.
+LONG_USER_AGENTS = {
+    "8,000 letters": "a" * 8000,
+    "8,000 digits": "1" * 8000,
+    '"Mozilla/5.0 " to 8,000 bytes': ("Mozilla/5.0 " * 667)[:8000],
+}
+
+
+def worst_case_milliseconds(user_agent: str) -> tuple[float, float]:
+    """Milliseconds to classify ``user_agent`` uncached: givt's, CrawlerDetect's; best of 3."""
+    reference = CrawlerDetect()
+    ours = min(timeit.repeat(lambda: givt._is_crawler(user_agent), number=1, repeat=3))
+    theirs = min(timeit.repeat(lambda: reference._check_crawler(user_agent), number=1, repeat=3))
+    return ours * 1000, theirs * 1000
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -97,6 +117,9 @@ def main() -> int:
     print(f"pixel-server      {rate:>10,.0f} requests/s  {per_request * 1e6:8.2f} us/request")
     print(f"givt.classify     {cost * 1e6:>29.3f} us/request (warm cache)")
     print(f"GIVT share of pixel time: {cost / per_request:.2%} (median of {args.runs} runs)")
+    for name, user_agent in LONG_USER_AGENTS.items():
+        ours, theirs = worst_case_milliseconds(user_agent)
+        print(f"uncached, {name}: {ours:.2f} ms (CrawlerDetect's own matching: {theirs:.0f} ms)")
     return 0
 
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from _fastcount import Counters
-from server import clicks, dashboard, givt, health, loop_lag, pixel, viewability
+from server import clicks, dashboard, health, loop_lag, pixel, viewability
 from server.app_keys import CONFIG, COUNTERS, DSN, FLUSHER, METRICS, METRICS_SNAPSHOT
 from server.config import Config
 from server.flusher import Flusher
@@ -69,7 +69,6 @@ def make_app(config: Config, dsn: str) -> web.Application:
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.cleanup_ctx.append(_flushing)
-    givt.warm_up()
     return app
 
 
