@@ -14,6 +14,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from server.dsn import check as check_dsn
+
 ENV_PREFIX = "PIXEL_"
 DEFAULT_DATA_DIR = Path("pixel-data")
 
@@ -94,7 +96,9 @@ class Config:
     admin_host: str = _setting("127.0.0.1", str, "address of the admin port (keep it private)")
     admin_port: int = _setting(9100, _port, "admin port: /metrics and the operator page")
     dsn: str = _setting(
-        "", str, "PostgreSQL connection string; empty starts the embedded PostgreSQL in --data-dir"
+        "",
+        check_dsn,
+        "PostgreSQL connection string; empty starts the embedded PostgreSQL in --data-dir",
     )
     data_dir: Path = _setting(DEFAULT_DATA_DIR, Path, "folder of the embedded PostgreSQL's data")
     workers: int = _setting(
