@@ -162,6 +162,12 @@ def serve(config: Config) -> int:
             log.error("cannot start the embedded PostgreSQL in %s: %s", embedded.pgdata, error)
             return 1
         dsn = embedded.dsn
+        if not embedded.started:
+            log.warning(
+                "the embedded PostgreSQL in %s was running already (another server's); it is"
+                " used as it is and left running at exit",
+                embedded.pgdata,
+            )
         print(
             f"embedded PostgreSQL running, data in {embedded.pgdata}\n"
             f"  DSN: {dsn}\n"
@@ -175,7 +181,7 @@ def serve(config: Config) -> int:
             return uvloop.run(supervisor.Supervisor(config, dsn).run())
         return uvloop.run(_serve(config, dsn))
     finally:
-        if embedded is not None:
+        if embedded is not None and embedded.started:
             embedded.stop()
             log.info("embedded PostgreSQL stopped")
 

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import shlex
 import shutil
 import stat
 import subprocess
@@ -58,29 +59,49 @@ class EmbeddedPostgres:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.pgdata = data_dir.resolve() / CLUSTER
         self._user = _system_user() if os.geteuid() == 0 else None
-        socket_dir = self.pgdata
-        if len(str(socket_dir)) > _MAX_SOCKET_DIR:
-            socket_dir = Path(tempfile.mkdtemp(prefix="pixel-pg-"))
-        self.socket_dir = socket_dir
+        self.socket_dir = self.pgdata
+        self.started = False  # by this object, which stop() then stops
+        self._temporary_socket_dir = False
 
     def start(self) -> None:
-        """Creates the cluster if need be and starts it; a running one is used as it is."""
+        """Creates the cluster if need be and starts it. A cluster running already (another
+        server's, on the same data folder) is used as it is, and :meth:`stop` leaves it
+        running."""
         if not (self.pgdata / "PG_VERSION").exists():
             self.pgdata.mkdir(exist_ok=True)
             self._own(self.pgdata)
             self._run("initdb", "-D", self.pgdata, "-U", "postgres", "--auth=trust", "-E", "UTF8")
             log.info("created a PostgreSQL cluster in %s", self.pgdata)
-        self._own(self.socket_dir)
         if self.running():
             self._use_running_socket()
             return
+        if len(str(self.socket_dir)) > _MAX_SOCKET_DIR:
+            self.socket_dir = Path(tempfile.mkdtemp(prefix="pixel-pg-"))
+            self._temporary_socket_dir = True
+        self._own(self.socket_dir)
+        # pg_ctl hands the options to a shell: the folder is quoted, spaces and all.
         options = (
-            f"-c listen_addresses='' -k {self.socket_dir} -c shared_buffers={shared_buffers()}"
+            f"-c listen_addresses='' -k {shlex.quote(str(self.socket_dir))}"
+            f" -c shared_buffers={shared_buffers()}"
         )
         log_file = self.pgdata / "postgresql.log"
-        self._run(
-            "pg_ctl", "-D", self.pgdata, "-l", log_file, "-w", "-t", "60", "-o", options, "start"
-        )
+        try:
+            self._run(
+                "pg_ctl",
+                "-D",
+                self.pgdata,
+                "-l",
+                log_file,
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                options,
+                "start",
+            )
+        except RuntimeError as error:
+            raise RuntimeError(f"{error} (the server's log: {log_file})") from None
+        self.started = True
 
     def running(self) -> bool:
         status = subprocess.run(
@@ -106,9 +127,16 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@/postgres?host={self.socket_dir}"
 
     def stop(self) -> None:
-        """Stops the server cleanly (a fast shutdown: every committed count is on disk)."""
+        """Stops the server if :meth:`start` started it, cleanly (a fast shutdown: every
+        committed count is on disk)."""
+        if not self.started:
+            return
         if self.running():
             self._run("pg_ctl", "-D", self.pgdata, "-m", "fast", "-w", "stop")
+        self.started = False
+        if self._temporary_socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir, self._temporary_socket_dir = self.pgdata, False
 
     def _run(self, program: str, *args: str | Path) -> None:
         result = subprocess.run(

@@ -164,7 +164,6 @@ def _on_embedded(data_dir: Path, query: Query, output: str) -> int:
         )
         return 1
     postgres = embedded.EmbeddedPostgres(data_dir)
-    started_here = not postgres.running()
     try:
         postgres.start()
     except RuntimeError as error:
@@ -173,8 +172,7 @@ def _on_embedded(data_dir: Path, query: Query, output: str) -> int:
     try:
         return asyncio.run(print_report(postgres.dsn, query, output))
     finally:
-        if started_here:
-            postgres.stop()
+        postgres.stop()  # if the report started it
 
 
 async def print_report(

@@ -7,6 +7,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from server.embedded import EmbeddedPostgres
 from tests.harness import PixelServer, fetch
 
 
@@ -32,3 +33,44 @@ async def test_serve_without_dsn_runs_on_embedded_postgres_and_stops_it(
     rows = await fetch(dsn[1], "SELECT campaign, impressions FROM pixel_counts")
     assert [tuple(row) for row in rows] == [("embedded", 1)]
     assert again.terminate() == 0
+
+
+async def test_a_second_server_on_the_same_data_folder_leaves_the_database_running(
+    pixel_server: Callable[..., PixelServer], tmp_path: Path
+) -> None:
+    """The first server started the embedded PostgreSQL, so it stops it, and only it; the
+    folder's name has a space, which the server's options must quote."""
+    data_dir = tmp_path / "pixel data"
+    flags = (f"--data-dir={data_dir}", f"--spool-dir={tmp_path / 'spool'}")
+    first = pixel_server(*flags, env={"PIXEL_DSN": ""})
+    second = pixel_server(*flags, env={"PIXEL_DSN": ""})
+    assert "was running already" in second.log()
+    assert second.terminate() == 0, second.log()
+    assert "embedded PostgreSQL stopped" not in second.log()
+    with urllib.request.urlopen(f"{first.base_url}/readyz", timeout=5) as answer:
+        assert answer.status == 200
+    assert (data_dir / "postgres" / "postmaster.pid").exists()
+    assert first.terminate() == 0, first.log()
+    assert "embedded PostgreSQL stopped" in first.log()
+    assert not (data_dir / "postgres" / "postmaster.pid").exists(), "PostgreSQL left running"
+
+
+def test_a_long_data_folder_gets_a_socket_folder_for_as_long_as_it_runs(tmp_path: Path) -> None:
+    """A socket's path has at most 107 bytes: a deeper data folder's server listens in a
+    temporary folder, which goes when it stops; a second user of the running server takes
+    the same folder and makes none."""
+    postgres = EmbeddedPostgres(tmp_path / ("d" * 100))
+    postgres.start()
+    try:
+        socket_dir = postgres.socket_dir
+        assert socket_dir.name.startswith("pixel-pg-") and socket_dir.exists()
+        before = set(socket_dir.parent.glob("pixel-pg-*"))
+        user = EmbeddedPostgres(tmp_path / ("d" * 100))
+        user.start()
+        assert user.socket_dir == socket_dir and not user.started
+        user.stop()
+        assert postgres.running()
+        assert set(socket_dir.parent.glob("pixel-pg-*")) == before
+    finally:
+        postgres.stop()
+    assert not postgres.running() and not socket_dir.exists()
