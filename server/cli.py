@@ -205,6 +205,7 @@ async def _serve(config: Config, dsn: str) -> int:
     # A worker of --workers: the port is shared, and the admin app is for the supervisor only.
     worker_socket = os.environ.get(supervisor.WORKER_SOCKET)
     if worker_socket:
+        supervisor.stop_with_supervisor()
         supervisor.snapshot_route(admin, app[METRICS].snapshot)
     admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
     await runner.setup()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -30,11 +31,18 @@ from server.metrics import Snapshot, merge
 
 log = logging.getLogger(__name__)
 
-# Set by the supervisor for its workers: where a worker serves its private admin app.
+# Set by the supervisor for its workers: where a worker serves its private admin app, and the
+# supervisor's pid, whose death stops the worker.
 WORKER_SOCKET = "PIXEL_WORKER_ADMIN_SOCKET"
-# How often the supervisor looks for dead workers; how long a worker may take to start.
+SUPERVISOR_PID = "PIXEL_SUPERVISOR_PID"
+# How often the supervisor looks for dead workers (and takes their metrics); how long a worker
+# may take to start.
 CHECK_INTERVAL = 1.0
 START_TIMEOUT = 30.0
+# A worker that dies again and again is restarted after 1, 2, 4 ... seconds, at most this
+# many; one that ran this long since its start is restarted at once.
+RESTART_DELAY_CAP = 30.0
+STEADY_SECONDS = 60.0
 
 
 def worker_environment(config: Config, dsn: str, socket: Path) -> dict[str, str]:
@@ -54,7 +62,26 @@ def worker_environment(config: Config, dsn: str, socket: Path) -> dict[str, str]
     environment["PIXEL_DSN"] = dsn
     environment["PIXEL_WORKERS"] = "1"
     environment[WORKER_SOCKET] = str(socket)
+    environment[SUPERVISOR_PID] = str(os.getpid())
     return environment
+
+
+def stop_with_supervisor() -> None:
+    """In a worker: has the kernel send it SIGTERM when the supervisor dies (Linux), so that a
+    supervisor killed outright leaves no worker serving the port unsupervised. A supervisor
+    gone already, before the request, gets the same answer."""
+    supervisor = int(os.environ[SUPERVISOR_PID])
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning(
+                "cannot ask to be stopped with the supervisor: %s", os.strerror(ctypes.get_errno())
+            )
+    if os.getppid() != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class Supervisor:
@@ -63,11 +90,19 @@ class Supervisor:
         self._dsn = dsn
         self._run_dir = Path(tempfile.mkdtemp(prefix="pixel-workers-"))
         self._workers: list[asyncio.subprocess.Process | None] = [None] * config.workers
+        self._started_at = [0.0] * config.workers
+        self._failures = [0] * config.workers  # deaths in a row, each soon after its start
+        self._restart_at: list[float | None] = [None] * config.workers
+        # Each worker's metrics as last taken, and the counters of workers that died: added
+        # in, so that the merged counters never go back when one dies or misses a scrape.
+        self._last: list[Snapshot | None] = [None] * config.workers
+        self._departed: Snapshot = {}
 
     def _socket(self, index: int) -> Path:
         return self._run_dir / f"worker-{index}.sock"
 
-    async def _start(self, index: int) -> None:
+    async def _start(self, index: int) -> bool:
+        """Starts worker ``index``; whether it got ready."""
         socket = self._socket(index)
         socket.unlink(missing_ok=True)
         self._workers[index] = await asyncio.create_subprocess_exec(
@@ -81,26 +116,62 @@ class Supervisor:
         assert worker is not None
         # A worker is ready once it serves its admin socket, which it opens after the pixel port.
         loop = asyncio.get_running_loop()
+        self._started_at[index] = loop.time()
         deadline = loop.time() + START_TIMEOUT
         while not socket.exists() and worker.returncode is None and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if socket.exists():
             log.info("worker %d ready (pid %d)", index, worker.pid)
+            return True
+        return False
+
+    async def _snapshot(self, index: int) -> None:
+        """Takes worker ``index``'s metrics; one that does not answer keeps its last."""
+        connector = aiohttp.UnixConnector(path=str(self._socket(index)))
+        with contextlib.suppress(OSError, aiohttp.ClientError, asyncio.TimeoutError):
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.get(
+                    "http://worker/metrics.json", timeout=aiohttp.ClientTimeout(2)
+                ) as answer,
+            ):
+                self._last[index] = orjson.loads(await answer.read())
 
     async def _gather(self) -> Snapshot:
-        """Every live worker's metrics, merged."""
-        snapshots = []
-        for index in range(len(self._workers)):
-            connector = aiohttp.UnixConnector(path=str(self._socket(index)))
-            with contextlib.suppress(OSError, aiohttp.ClientError, asyncio.TimeoutError):
-                async with (
-                    aiohttp.ClientSession(connector=connector) as session,
-                    session.get(
-                        "http://worker/metrics.json", timeout=aiohttp.ClientTimeout(2)
-                    ) as answer,
-                ):
-                    snapshots.append(orjson.loads(await answer.read()))
-        return merge(snapshots)
+        """Every worker's metrics, merged, with the counters of those that died."""
+        await asyncio.gather(*(self._snapshot(index) for index in range(len(self._workers))))
+        return merge([*(last for last in self._last if last is not None), self._departed])
+
+    def _departs(self, index: int) -> None:
+        """Keeps the counters a dead worker had counted when its metrics were last taken (at
+        most a check interval before it died); its gauges go with it."""
+        last, self._last[index] = self._last[index], None
+        if last is not None:
+            kept = {name: family for name, family in last.items() if family["type"] != "gauge"}
+            self._departed = merge([self._departed, kept])
+
+    async def _look_after(self, index: int, stopping: asyncio.Event) -> None:
+        """Restarts worker ``index`` if it died, after a delay that doubles while it keeps
+        dying soon after its start."""
+        worker = self._workers[index]
+        loop = asyncio.get_running_loop()
+        if worker is not None and worker.returncode is not None and self._restart_at[index] is None:
+            self._departs(index)
+            steady = loop.time() - self._started_at[index] >= STEADY_SECONDS
+            self._failures[index] = 0 if steady else self._failures[index] + 1
+            delay = 0.0 if steady else min(RESTART_DELAY_CAP, 2.0 ** (self._failures[index] - 1))
+            self._restart_at[index] = loop.time() + delay
+            log.error(
+                "worker %d (pid %d) exited with status %d; restarting it in %.0f s",
+                index,
+                worker.pid,
+                worker.returncode,
+                delay,
+            )
+        restart_at = self._restart_at[index]
+        if restart_at is not None and loop.time() >= restart_at and not stopping.is_set():
+            self._restart_at[index] = None
+            await self._start(index)
 
     async def run(self) -> int:
         """Supervises until SIGTERM or SIGINT; returns the exit status."""
@@ -119,7 +190,11 @@ class Supervisor:
                 log.error("cannot listen: %s", error)
                 return 1
             for index in range(config.workers):
-                await self._start(index)
+                if not await self._start(index):
+                    # As a single server does when it cannot start: stop, and say so.
+                    log.error("worker %d did not start; stopping", index)
+                    await self._stop_workers()
+                    return 1
             log.info(
                 "%d workers serving pixels on http://%s:%d, admin on http://%s:%d",
                 config.workers,
@@ -131,19 +206,9 @@ class Supervisor:
             while not stopping.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stopping.wait(), CHECK_INTERVAL)
-                for index, worker in enumerate(self._workers):
-                    if (
-                        worker is not None
-                        and worker.returncode is not None
-                        and not stopping.is_set()
-                    ):
-                        log.error(
-                            "worker %d (pid %d) exited with status %d; restarting it",
-                            index,
-                            worker.pid,
-                            worker.returncode,
-                        )
-                        await self._start(index)
+                await self._gather()
+                for index in range(config.workers):
+                    await self._look_after(index, stopping)
             log.info("stopping: passing the signal to %d workers", config.workers)
             return await self._stop_workers()
         finally:
