@@ -31,8 +31,10 @@ def gif_response() -> web.Response:
 
 
 def raw_query(request: web.Request) -> bytes:
-    """The query string exactly as received, before any decoding."""
-    return request.raw_path.partition("?")[2].encode("utf-8", "surrogateescape")
+    """The query string exactly as received, before any decoding; up to a fragment (``#``),
+    which is no part of it (RFC 3986) and which browsers never send."""
+    query = request.raw_path.partition("?")[2].partition("#")[0]
+    return query.encode("utf-8", "surrogateescape")
 
 
 def reject(request: web.Request, rejected: Rejected) -> None:

@@ -117,7 +117,13 @@ def query_from(args: argparse.Namespace, now: datetime) -> Query:
     if args.start is not None:
         start = parse_time(args.start, "--from")
     else:
-        start = end - parse_duration(args.since or DEFAULT_SINCE)
+        since = parse_duration(args.since or DEFAULT_SINCE)
+        try:
+            start = end - since
+        except OverflowError:
+            raise ValueError(
+                f"--since: {args.since} before {end:%Y-%m-%d} is before year 1"
+            ) from None
     return Query(
         start=start,
         end=end,
@@ -142,7 +148,10 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.fullmatch(text.strip())
     if match is None or int(match[1]) == 0:
         raise ValueError(f"--since: not a duration such as 90m, 24h or 7d: {text!r}")
-    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+    try:
+        return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+    except OverflowError:
+        raise ValueError(f"--since: {text!r} is longer than any time span") from None
 
 
 def parse_time(text: str, flag: str) -> datetime:

@@ -57,6 +57,20 @@ async def test_invalid_values_get_the_gif_and_are_counted_as_rejected(
     assert [tuple(row) for row in rows] == [("good", 1)]
 
 
+async def test_a_fragment_sent_with_the_pixel_is_no_part_of_the_query(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    server = pixel_server(f"--dsn={database}")
+    request = (
+        b"GET /i.gif?cid=a&crid=b#frag&sub=x HTTP/1.1\r\nHost: t\r\nUser-Agent: Mozilla/5.0\r\n"
+    )
+    answer = await asyncio.to_thread(exchange, server.port, request + b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(GIF)
+    assert server.terminate() == 0
+    rows = await fetch(database, "SELECT campaign, creative, sub_id, impressions FROM pixel_counts")
+    assert [tuple(row) for row in rows] == [("a", "b", "", 1)]
+
+
 @pytest.mark.parametrize(
     "request_bytes",
     [

@@ -242,6 +242,9 @@ async def test_an_unreachable_database_is_one_line_without_the_password() -> Non
         (["--from=2024-05-02", "--to=2024-05-01"], "the range is empty"),
         (["--sort=hour"], "cannot sort by hour"),
         (["--top=0"], "top must be at least 1"),
+        (["--since=10000000d"], "is before year 1"),
+        (["--since=1d", "--to=0001-01-01T12:00"], "1d before 0001-01-01 is before year 1"),
+        (["--since=99999999999999w"], "is longer than any time span"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags: list[str], message: str) -> None:
