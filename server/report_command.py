@@ -122,7 +122,7 @@ def query_from(args: argparse.Namespace, now: datetime) -> Query:
             start = end - since
         except OverflowError:
             raise ValueError(
-                f"--since: {args.since} before {end:%Y-%m-%d} is before year 1"
+                f"--since: {args.since} before {end.date().isoformat()} is before year 1"
             ) from None
     return Query(
         start=start,
