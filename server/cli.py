@@ -26,12 +26,8 @@ from server.query import Dimensions, Rejected, check_value
 
 log = logging.getLogger("server")
 
-# Pixel requests need no more than this: a long request line is an attack or a bug.
 # Signed click links stay valid this long unless --expires-in says otherwise.
 DEFAULT_LINK_LIFETIME = 90 * 24 * 3600
-
-MAX_LINE_SIZE = 4096
-MAX_FIELD_SIZE = 8190
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,7 +127,10 @@ def signed_click_url(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if args.expires_in < 1:
         parser.error("--expires-in must be at least 1 second")
     expires = int(time.time()) + args.expires_in
-    return clicks.click_url(args.base_url, secrets[0], dimensions, args.to, expires)
+    try:
+        return clicks.click_url(args.base_url, secrets[0], dimensions, args.to, expires)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def _sign_click_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -191,8 +190,8 @@ async def _serve(config: Config, dsn: str) -> int:
     handler_args: dict[str, Any] = {
         "access_log": logging.getLogger("aiohttp.access") if config.access_log else None,
         "keepalive_timeout": config.keepalive_timeout,
-        "max_line_size": MAX_LINE_SIZE,
-        "max_field_size": MAX_FIELD_SIZE,
+        "max_line_size": protocol.MAX_LINE_SIZE,
+        "max_field_size": protocol.MAX_FIELD_SIZE,
         # No public endpoint reads a body. aiohttp would read and discard an unread one for up
         # to 10 s before the next request; 0 closes the connection instead, so a POST with a
         # large body never costs more than a GET (server/viewability.py).

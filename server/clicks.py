@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import Sequence
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from aiohttp import web
 from yarl import URL
@@ -22,6 +22,7 @@ from yarl import URL
 from _fastcount import CLICKS, GIVT_CLICKS
 from server.app_keys import CONFIG, METRICS
 from server.pixel import raw_query, record, reject
+from server.protocol import MAX_LINE_SIZE
 from server.query import (
     REPEATED_PARAMETER,
     Dimensions,
@@ -67,13 +68,16 @@ def verify(secrets: Sequence[str], dimensions: Dimensions, to: str, expires: int
 
 
 def click_url(base_url: str, secret: str, dimensions: Dimensions, to: str, expires: int) -> str:
-    """A signed click link on ``base_url`` (the public address of the pixel server).
+    """A signed click link on ``base_url`` (the public address of the pixel server); a
+    ValueError if the server could not take it (too long a destination or request line).
 
     >>> click_url("https://px.example", "0123456789abcdef", Dimensions("c", "cr", "a", "s"),
     ...           "https://shop.example/p?id=1", 1900000000)  # doctest: +ELLIPSIS
     'https://px.example/c?cid=c&crid=cr&aff=a&sub=s&to=https%3A%2F%2Fshop.example%2Fp%3Fid%3D1&exp=1900000000&sig=...'
     """
     check_destination(to)
+    if len(to.encode()) > MAX_DESTINATION_BYTES:
+        raise ValueError(f"the destination is longer than {MAX_DESTINATION_BYTES} bytes")
     params = {
         "cid": dimensions.campaign,
         "crid": dimensions.creative,
@@ -83,7 +87,18 @@ def click_url(base_url: str, secret: str, dimensions: Dimensions, to: str, expir
         "exp": str(expires),
         "sig": signature(secret, dimensions, to, expires),
     }
-    return f"{base_url.rstrip('/')}/c?{urlencode(params, quote_via=quote)}"
+    url = f"{base_url.rstrip('/')}/c?{urlencode(params, quote_via=quote)}"
+    parts = urlsplit(url)
+    # aiohttp's parsers limit the request line (pure Python) or its target (compiled): the
+    # whole line is held to the limit, so the link works with either.
+    request_line = f"GET {parts.path}?{parts.query} HTTP/1.1"
+    if len(request_line) > MAX_LINE_SIZE:
+        raise ValueError(
+            f"the link would make a request line of {len(request_line)} bytes, and the server"
+            f" takes {MAX_LINE_SIZE} at most: shorten the destination (percent-encoded, it"
+            f" takes {len(quote(to, safe=''))})"
+        )
+    return url
 
 
 def check_destination(to: str) -> URL:

@@ -47,6 +47,10 @@ from server.pixel import GIF, PIXEL_HEADERS, count_query, current_bucket
 PIXEL_PATH = b"/i.gif"
 # aiohttp's limits, where the server sets none.
 DEFAULT_MAX_LINE_SIZE = DEFAULT_MAX_FIELD_SIZE = 8190
+# The server's own limits. Pixel requests need no more than this: a long request line is an
+# attack or a bug (the signed click links are made to fit it).
+MAX_LINE_SIZE = 4096
+MAX_FIELD_SIZE = 8190
 
 
 class PixelAnswer:

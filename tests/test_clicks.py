@@ -154,6 +154,30 @@ async def test_without_a_secret_clicks_are_refused(
     assert server.terminate() == 0
 
 
+async def test_the_longest_link_that_can_be_signed_is_honoured(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    """A link is signed only if its request line fits the server's limit: the longest
+    destination that fits works, one byte more is refused when signing, not when clicked."""
+    server = pixel_server(f"--dsn={database}", f"--secret={SECRET}")
+
+    def shop(length: int) -> str:  # 2 bytes of UTF-8 a character, 6 once percent-encoded
+        return "https://shop.example/p?q=" + "é" * length
+
+    for length in range(1, 1012):  # 1,011 is the most the destination's 2,048 bytes hold
+        try:
+            link(server, to=shop(length))
+        except ValueError as error:
+            assert "shorten the destination" in str(error)
+            break
+    else:
+        pytest.fail("every destination made a link")
+    longest = length - 1
+    status, headers, _ = await get(link(server, to=shop(longest)))
+    assert status == 302 and URL(headers["Location"]) == URL(shop(longest))
+    assert server.terminate() == 0, server.log()
+
+
 async def test_sign_click_prints_a_link_the_server_honours(
     pixel_server: Callable[..., PixelServer], database: str
 ) -> None:
@@ -183,3 +207,7 @@ async def test_sign_click_prints_a_link_the_server_honours(
     short = subprocess.run(command, capture_output=True, text=True, env={"PIXEL_SECRET": "short"})
     assert short.returncode == 2 and "at least 16 characters" in short.stderr
     assert "short" not in short.stderr.replace("at least", "")
+    # 1,980 bytes of UTF-8, under the destination's limit, but 5,940 once percent-encoded.
+    too_long = [*command[:-1], f"--to={SHOP}&q={'日本' * 330}"]
+    refused = subprocess.run(too_long, capture_output=True, text=True, env={"PIXEL_SECRET": SECRET})
+    assert refused.returncode == 2 and "shorten the destination" in refused.stderr
