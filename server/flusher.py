@@ -92,6 +92,7 @@ class Flusher:
         self._failures = 0
         self._retry_at = 0.0
         self._stopping = asyncio.Event()
+        self._sealing = asyncio.Lock()
         self._spool_full = False  # logged once per episode
         self.problem = "not connected to the database yet"
         if self._pending:
@@ -107,16 +108,39 @@ class Flusher:
         return len(self._pending)
 
     async def run(self) -> None:
-        """Flushes at once (connecting and migrating), then every interval, until stopped."""
+        """Flushes at once (connecting and migrating), then every interval, until stopped.
+
+        A flush that outlasts the interval (a database that hangs, its connections open, makes
+        each statement wait up to storage.COMMAND_TIMEOUT) does not keep the counts in memory
+        meanwhile: at every interval the window is sealed and every batch still in memory is
+        spooled, so a hard kill loses at most one interval's counts."""
         while not self._stopping.is_set():
+            flushing = asyncio.ensure_future(self._flush_reporting_errors())
             try:
-                await self.flush()
-            except Exception:
-                # A bug, most likely: reported, and the next flush tries again, for a flusher
-                # that stopped would leave every count from then on in memory only.
-                log.exception("the flush failed; the next one tries again")
+                while not (await asyncio.wait({flushing}, timeout=self._interval))[0]:
+                    await self._spool_ahead()
+            except asyncio.CancelledError:
+                flushing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flushing
+                raise
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._interval)
+
+    async def _flush_reporting_errors(self) -> None:
+        try:
+            await self.flush()
+        except Exception:
+            # A bug, most likely: reported, and the next flush tries again, for a flusher that
+            # stopped would leave every count from then on in memory only.
+            log.exception("the flush failed; the next one tries again")
+
+    async def _spool_ahead(self) -> None:
+        """While a flush waits on the database: seals the window, and spools the batches in
+        memory, those the flush is applying too (the ledger applies a batch once, from
+        wherever it comes)."""
+        await self._seal()
+        await self._spool_in_memory(capping=False)
 
     def stop(self) -> None:
         """Asks :meth:`run` to return after the flush in progress, if any."""
@@ -232,7 +256,12 @@ class Flusher:
 
     async def _seal(self, arrived: Callable[[Pending], object] = lambda item: None) -> None:
         """Seals the current window, and any a failed seal left, into pending batches,
-        passing each to ``arrived`` as well."""
+        passing each to ``arrived`` as well. One seal at a time: a second waits for the
+        first, which may be sealing the windows it would find."""
+        async with self._sealing:
+            await self._seal_windows(arrived)
+
+    async def _seal_windows(self, arrived: Callable[[Pending], object]) -> None:
 
         def add(batch: Batch) -> None:
             item = Pending(batch)
@@ -382,9 +411,11 @@ class Flusher:
         self._metrics.dead_lettered += 1
         log.error("spool file %s is unreadable (%s); moved to %s", path, describe(error), target)
 
-    async def _spool_in_memory(self) -> None:
-        """Writes the batches held in memory to the spool, while it has room."""
-        for item in self._pending:
+    async def _spool_in_memory(self, *, capping: bool = True) -> None:
+        """Writes the batches held in memory to the spool, while it has room; then, if
+        ``capping``, drops the oldest beyond ``max_in_memory`` (never while a flush may be
+        applying them)."""
+        for item in list(self._pending):  # a flush under way may remove some meanwhile
             if item.path is not None or item.batch is None:
                 continue
             if self._spool.over_budget:
@@ -403,6 +434,10 @@ class Flusher:
                 log.error("cannot write to spool %s: %s", self._spool.directory, error)
                 break
             item.batch = None
+            if item not in self._pending:  # applied by a flush under way meanwhile
+                await asyncio.to_thread(self._spool.remove, item.path)
+        if not capping:
+            return
         in_memory = [item for item in self._pending if item.path is None]
         if len(in_memory) > self._max_in_memory:
             oldest = in_memory[: len(in_memory) - self._max_in_memory]

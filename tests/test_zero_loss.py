@@ -674,6 +674,41 @@ async def test_shutdown_with_the_database_hung_spools_in_time_and_the_next_start
     assert not list(tmp_path.glob("*.batch"))
 
 
+async def test_a_hung_database_holds_no_more_than_an_interval_of_counts_in_memory(
+    database: str, tmp_path: Path
+) -> None:
+    """The database stops answering, its connections open, so a flush waits on it (up to
+    storage.COMMAND_TIMEOUT, 60 s): every interval meanwhile seals the window and spools what
+    is in memory, so a hard kill loses no more than an interval. Another process (the next
+    start) applies the spool, and the flush that hung, if it ever commits, counts nothing
+    twice."""
+    proxy = DatabaseProxy(database)
+    await proxy.open()
+    counters = Counters()
+    flusher = Flusher(counters, proxy.dsn(), Metrics(), 0.1, Spool(tmp_path, 1 << 30), 10, 2)
+    counters.add(60, "before", "", "", "", IMPRESSIONS, 3)
+    await flusher.flush()  # connected, applied
+    proxy.hang()
+    counters.add(60, "hung", "", "", "", IMPRESSIONS, 4)
+    running = asyncio.create_task(flusher.run())  # its first flush waits on the database
+    try:
+        await wait_for(lambda: spooled_impressions(tmp_path)["hung"] == 4)
+        counters.add(60, "later", "", "", "", IMPRESSIONS, 5)  # sealed and spooled on time
+        await wait_for(lambda: spooled_impressions(tmp_path)["later"] == 5)
+        assert not running.done() and not len(counters)
+        # A hard kill now: the next start applies the spool on its own.
+        restarted = Flusher(Counters(), database, Metrics(), 1.0, Spool(tmp_path, 1 << 30), 10, 2)
+        await restarted.flush()
+        await restarted.close(5.0)
+        assert await impressions(database) == {"before": 3, "hung": 4, "later": 5}
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await proxy.close()
+    assert await impressions(database) == {"before": 3, "hung": 4, "later": 5}
+
+
 async def test_a_flush_that_fails_on_a_bug_is_reported_and_the_next_one_goes_on(
     database: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
