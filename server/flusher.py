@@ -323,7 +323,7 @@ class Flusher:
             # skips any that did commit).
             self._disconnect()
             raise
-        except _RETRYABLE as error:
+        except (*_RETRYABLE, storage.MigrationError) as error:
             self._failed(error)
             return
         except Exception as error:
@@ -468,13 +468,17 @@ class Flusher:
         self._disconnect()
         delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**self._failures))
         self._retry_at = asyncio.get_running_loop().time() + delay
-        self.problem = f"database {redact(self._dsn)} unreachable: {error}"
+        dsn = redact(self._dsn)
+        migration = isinstance(error, storage.MigrationError)
+        self.problem = (
+            f"database {dsn}: {error}" if migration else f"database {dsn} unreachable: {error}"
+        )
         message = (
             "cannot write to database %s: %s: %s; %d batches waiting (%d in the spool),"
             " retry %d in %.1fs"
         )
         args = (
-            redact(self._dsn),
+            dsn,
             type(error).__name__,
             error,
             len(self._pending),
@@ -482,5 +486,7 @@ class Flusher:
             self._failures,
             delay,
         )
-        # The first failure of an outage is a warning; the retries are quieter.
-        (log.warning if self._failures == 1 else log.info)(message, *args)
+        # The first failure of an outage is a warning, of a migration an error, for it needs
+        # the operator; the retries are quieter.
+        first = log.error if migration else log.warning
+        (first if self._failures == 1 else log.info)(message, *args)

@@ -64,8 +64,19 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+class MigrationError(Exception):
+    """A schema migration PostgreSQL refused: a fault for the operator to mend (an object of
+    theirs that depends on what the migration changes, say), not an outage."""
+
+
+# SQLSTATE classes of a database that is away or overloaded, not of a migration it refuses:
+# connection exceptions, insufficient resources, operator intervention, system errors.
+_OUTAGE_CLASSES = {"08", "53", "57", "58"}
+
+
 async def migrate(connection: Any) -> list[int]:
-    """Applies the migrations the database lacks; returns the versions applied."""
+    """Applies the migrations the database lacks; returns the versions applied. A migration
+    PostgreSQL refuses is a :class:`MigrationError` naming it."""
     applied: list[int] = []
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
@@ -78,7 +89,14 @@ async def migrate(connection: Any) -> list[int]:
         for version, name, sql in migrations():
             if version in done:
                 continue
-            await connection.execute(sql)
+            try:
+                await connection.execute(sql)
+            except asyncpg.PostgresError as error:
+                if (error.sqlstate or "")[:2] in _OUTAGE_CLASSES:
+                    raise
+                raise MigrationError(
+                    f"schema migration {version} ({name}) failed: {type(error).__name__}: {error}"
+                ) from error
             await connection.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name
             )
