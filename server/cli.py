@@ -223,12 +223,13 @@ async def _serve(config: Config, dsn: str) -> int:
             log.error("cannot listen: %s", error)
             return 1
         if not worker_socket:
+            # The ports bound, which port 0 leaves to the system.
             log.info(
                 "serving pixels on http://%s:%d, admin on http://%s:%d",
                 config.host,
-                config.port,
+                pixels.sockets[0].getsockname()[1],
                 config.admin_host,
-                config.admin_port,
+                admin_runner.addresses[0][1],
             )
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()

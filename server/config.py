@@ -181,13 +181,25 @@ def add_arguments(parser: argparse.ArgumentParser, names: Collection[str] | None
     for setting in SETTINGS:
         if names is not None and setting.name not in names:
             continue
+        switch = setting.parse is _bool  # --access-log alone turns it on
         parser.add_argument(
             setting.flag,
             dest=setting.name,
             default=None,
             metavar=setting.name.upper(),
-            help=f"{setting.help} (env {setting.env}, default {setting.default})",
+            nargs="?" if switch else None,
+            const="true" if switch else None,
+            help=f"{setting.help} (env {setting.env}, default {_shown(setting.default)})",
         )
+
+
+def _shown(default: Any) -> str:
+    """A default as the help and the README show it."""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if default is None or default == ():
+        return "none"
+    return str(default) if default != "" else "empty"
 
 
 def from_namespace(

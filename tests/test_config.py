@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -51,3 +52,20 @@ def test_invalid_values_name_their_source(
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         config.parse(argv, environ)
+
+
+def test_a_switch_alone_turns_it_on_and_the_help_shows_defaults_as_the_readme_does() -> None:
+    assert config.parse(["--access-log"]).access_log is True
+    assert config.parse(["--access-log", "false"]).access_log is False
+    assert config.parse([], {"PIXEL_ACCESS_LOG": "yes"}).access_log is True
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    shown = " ".join(parser.format_help().split())
+    for default in (
+        "(env PIXEL_ACCESS_LOG, default false)",
+        "(env PIXEL_SECRET, default none)",
+        "(env PIXEL_DSN, default empty)",
+        "(env PIXEL_SPOOL_DIR, default none)",
+        "(env PIXEL_PORT, default 8080)",
+    ):
+        assert default in shown
