@@ -39,6 +39,7 @@ def make_app(config: Config, dsn: str) -> web.Application:
         spool,
         config.max_pending_batches,
         config.flush_connections,
+        ledger_seconds=config.ledger_days * 86400,
     )
     gauge = app[METRICS].gauge
     gauge("pixel_keys", "Distinct keys counted in the current window", lambda: len(app[COUNTERS]))

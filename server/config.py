@@ -134,6 +134,12 @@ class Config:
     spool_max_bytes: int = _setting(
         1 << 30, _byte_size, "spool budget in bytes (K, M, G suffixes); over it /readyz is 503"
     )
+    ledger_days: int = _setting(
+        30,
+        _positive_int,
+        "days the ledger (flush_batches) keeps an applied batch's id; a spooled batch older"
+        " than that is dead-lettered rather than risk counting it twice",
+    )
     max_pending_batches: int = _setting(
         300,
         _positive_int,

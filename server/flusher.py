@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 10.0
 CONNECT_TIMEOUT = 5.0
+# How often the ledger's old rows are pruned (by one server of those sharing the database).
+PRUNING_INTERVAL = 3600.0
 
 # Errors after which the batch stays pending and the connections are opened anew.
 _RETRYABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -75,10 +77,14 @@ class Flusher:
         spool: Spool,
         max_in_memory: int,
         connections: int,
+        *,
+        ledger_seconds: float = 30 * 86400.0,
     ) -> None:
         """``max_in_memory`` caps the batches held in memory while the spool cannot take them
         (over budget, disk failing); beyond it the oldest is dropped, counted and logged.
-        ``connections`` batches are merged at once, each over a connection of its own."""
+        ``connections`` batches are merged at once, each over a connection of its own. The
+        ledger keeps an applied batch's id ``ledger_seconds``: a spooled batch older than
+        that is dead-lettered, for it may have been applied already."""
         self._counters = counters
         self._max_in_memory = max_in_memory
         self._dsn = dsn
@@ -89,6 +95,8 @@ class Flusher:
         self._connections: list[Any] = []
         self._unsealed: collections.deque[Window] = collections.deque()  # left by failed seals
         self._connection_count = connections
+        self._ledger_seconds = ledger_seconds
+        self._prune_at = 0.0  # loop time of the next pruning
         self._failures = 0
         self._retry_at = 0.0
         self._stopping = asyncio.Event()
@@ -338,6 +346,20 @@ class Flusher:
         self._failures = 0
         self._retry_at = 0.0
         self.problem = ""
+        if asyncio.get_running_loop().time() >= self._prune_at:
+            await self._prune_ledger()
+
+    async def _prune_ledger(self) -> None:
+        self._prune_at = asyncio.get_running_loop().time() + PRUNING_INTERVAL
+        try:
+            pruned = await storage.prune_ledger(self._connections[0], self._ledger_seconds)
+        except _RETRYABLE as error:
+            log.warning("cannot prune the ledger: %s; next try in an hour", describe(error))
+            return
+        if pruned:
+            log.info(
+                "pruned %d ledger rows older than %.0f days", pruned, self._ledger_seconds / 86400
+            )
 
     async def _apply_each(self, connection: Any, arrivals: asyncio.Queue[Pending | None]) -> None:
         while (item := await arrivals.get()) is not None:
@@ -356,24 +378,22 @@ class Flusher:
             except (ValueError, OSError) as error:  # not a batch file, or not readable
                 await self._quarantine(item.path, error)
                 return
+            age = _spooled_seconds_ago(item.path)
+            if age > self._ledger_seconds:
+                why = (
+                    f"spooled {age / 86400:.0f} days ago, longer than the ledger keeps the ids"
+                    " of applied batches (--ledger-days): it may have been applied; move it"
+                    " back into the spool to apply it all the same"
+                )
+                await self._dead_letter(batch, why, item.path)
+                return
         started = time.perf_counter()
         try:
             applied = await storage.apply(connection, batch)
         except (asyncpg.PostgresError, ValueError) as error:
             if not is_permanent(error):
                 raise
-            target = await asyncio.to_thread(
-                self._spool.dead_letter, batch, describe(error), item.path
-            )
-            self._metrics.dead_lettered += 1
-            log.error(
-                "PostgreSQL rejected batch %s (%d rows): %s: %s; dead-lettered to %s",
-                batch.batch_id,
-                batch.rows,
-                type(error).__name__,
-                error,
-                target,
-            )
+            await self._dead_letter(batch, f"PostgreSQL rejected it: {describe(error)}", item.path)
             return
         seconds = time.perf_counter() - started
         if item.path is not None:
@@ -391,6 +411,13 @@ class Flusher:
             self._metrics.flushed(batch.rows, seconds)
         else:
             log.warning("batch %s was already applied; skipped", batch.batch_id)
+
+    async def _dead_letter(self, batch: Batch, why: str, path: Path | None) -> None:
+        target = await asyncio.to_thread(self._spool.dead_letter, batch, why, path)
+        self._metrics.dead_lettered += 1
+        log.error(
+            "batch %s (%d rows) dead-lettered to %s: %s", batch.batch_id, batch.rows, target, why
+        )
 
     async def _quarantine(self, path: Path, error: Exception) -> None:
         """Moves a spool file that holds no batch, or cannot be read, to the dead letters.
@@ -490,3 +517,9 @@ class Flusher:
         # the operator; the retries are quieter.
         first = log.error if migration else log.warning
         (first if self._failures == 1 else log.info)(message, *args)
+
+
+def _spooled_seconds_ago(path: Path) -> float:
+    """How long ago a spool file was written, by the nanoseconds its name starts with."""
+    written, _, _ = path.name.partition("-")
+    return (time.time_ns() - int(written)) / 1e9 if written.isdigit() else 0.0

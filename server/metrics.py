@@ -176,7 +176,8 @@ class Metrics:
         )
         counter(
             "pixel_dead_lettered_batches_total",
-            "Batches PostgreSQL rejected, kept in the dead-letter folder",
+            "Batches moved to the dead-letter folder: rejected by PostgreSQL, unreadable, or"
+            " spooled longer than the ledger remembers",
             self.dead_lettered,
         )
         for name, (help, read, merge) in self.gauges.items():

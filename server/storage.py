@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 # Serialises migrations between processes and instances sharing one database.
 _MIGRATION_LOCK = 0x70697865  # "pixe"
+_PRUNING_LOCK = 0x6C656467  # "ledg"
 
 # Every statement ends within this, so a hung database never holds the flusher forever.
 COMMAND_TIMEOUT = 60.0
@@ -118,6 +119,19 @@ async def connect(dsn: str, timeout: float, *, migrating: bool = True) -> Any:
         await connection.close(timeout=timeout)
         raise
     return connection
+
+
+async def prune_ledger(connection: Any, seconds: float) -> int | None:
+    """Deletes the ledger's rows older than ``seconds``; returns how many, or None if
+    another server is pruning it (one at a time is enough)."""
+    async with connection.transaction():
+        if not await connection.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PRUNING_LOCK):
+            return None
+        status = await connection.execute(
+            "DELETE FROM flush_batches WHERE applied_at < now() - make_interval(secs => $1)",
+            float(seconds),
+        )
+    return int(status.rpartition(" ")[2])
 
 
 # Whether either of two keys has a row.

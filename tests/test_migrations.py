@@ -36,7 +36,7 @@ async def test_upgrading_a_database_at_version_2_keeps_its_counts(database: str)
             " clicks) VALUES (to_timestamp(1800000000), 'a', 'cr', 'é', '', 10, 1),"
             " (to_timestamp(1800000000), 'B', 'cr', 'z', '', 4, 0)"
         )
-        assert await storage.migrate(connection) == [3]
+        assert await storage.migrate(connection) == [3, 4]
         assert await storage.migrate(connection) == []
     finally:
         await connection.close()

@@ -273,14 +273,15 @@ async def test_a_spool_file_from_before_the_binary_format_is_applied_once(
     document = orjson.dumps({"batch_id": str(batch_id), "rows": rows})
     spool = tmp_path / "spool"
     spool.mkdir()
+    now = time.time_ns()  # spool files are named by when they were written
     for n in (1, 2):
-        (spool / f"{n:020d}-{batch_id}.batch").write_bytes(document)
+        (spool / f"{now + n:020d}-{batch_id}.batch").write_bytes(document)
     damaged = {
         orjson.dumps({"batch_id": str(uuid.uuid4()), "rows": [[60, "short", "", ""]]}),
         orjson.dumps({"batch_id": 7, "rows": rows}),
     }
     for n, document in enumerate(damaged, start=3):
-        (spool / f"{n:020d}-{uuid.uuid4()}.batch").write_bytes(document)
+        (spool / f"{now + n:020d}-{uuid.uuid4()}.batch").write_bytes(document)
     flusher = Flusher(Counters(), database, Metrics(), 1.0, Spool(spool, 1 << 20), 10, 2)
     await flusher.flush()
     await flusher.close(5.0)
@@ -376,6 +377,42 @@ async def test_an_unreadable_spool_file_is_moved_aside_and_blames_no_database(
     ]
     assert spool.usage == spool.scan() == (0, 0)
     await flusher.close(5.0)
+
+
+async def test_the_ledger_forgets_old_batches_and_spool_files_older_than_it_wait_aside(
+    database: str, tmp_path: Path
+) -> None:
+    """The ledger keeps an applied batch's id for ``ledger_seconds`` (a day here): older rows
+    are pruned, and a spool file older than that is dead-lettered, not applied, for it may
+    have been applied before the ledger forgot it."""
+    connection = await storage.connect(database, 10.0)  # the schema
+    try:
+        await connection.execute(
+            "INSERT INTO flush_batches (batch_id, row_count, applied_at) VALUES"
+            " ($1, 1, now() - interval '25 hours'), ($2, 1, now() - interval '23 hours')",
+            uuid.uuid4(),
+            kept := uuid.uuid4(),
+        )
+    finally:
+        await connection.close()
+    old = batch_of((60, "old", "", "", "", 4, 0, 0, 0, 0, 0))
+    written = Spool(tmp_path, 1 << 20).write(old)
+    two_days_ago = time.time_ns() - 2 * 86400 * 10**9
+    written.rename(written.with_name(f"{two_days_ago:020d}-{old.batch_id}.batch"))
+    fresh = batch_of((60, "fresh", "", "", "", 5, 0, 0, 0, 0, 0))
+    Spool(tmp_path, 1 << 20).write(fresh)
+    metrics = Metrics()
+    spool = Spool(tmp_path, 1 << 20)
+    flusher = Flusher(Counters(), database, metrics, 1.0, spool, 10, 2, ledger_seconds=86400)
+    await flusher.flush()
+    await flusher.close(5.0)
+    assert await impressions(database) == {"fresh": 5}
+    ledger = await fetch(database, "SELECT batch_id FROM flush_batches")
+    assert {row[0] for row in ledger} == {kept, fresh.batch_id}
+    (letter,) = spool.dead_letter_directory.iterdir()
+    head = orjson.loads(letter.read_bytes().partition(b"\n")[0])
+    assert head["batch_id"] == str(old.batch_id) and "spooled 2 days ago" in head["error"]
+    assert metrics.dead_lettered == 1 and not list(tmp_path.glob("*.batch"))
 
 
 async def test_a_refresh_that_a_write_ran_across_keeps_the_written_count(
