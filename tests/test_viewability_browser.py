@@ -279,6 +279,24 @@ async def test_two_creatives_on_one_page_are_counted_apart(visit: Visit) -> None
 
 
 @bounded
+async def test_a_target_the_parser_has_not_reached_yet_is_measured(visit: Visit) -> None:
+    """data-target names an element after the script: a script that runs at once (not async,
+    or async and quick) finds none yet, and looks again once the document is parsed."""
+    tag = snippet(
+        visit.pixel.base_url,
+        Dimensions("view", "late", "aff-late", "sub-late"),
+        cache_buster=str(random.getrandbits(48)),
+        target="#late",
+    ).replace("<script async", "<script")
+    await visit.show(
+        tag, '<div class="ad" id="late" style="top:0;left:0;width:300px;height:250px"></div>'
+    )
+    await asyncio.sleep(1.5)
+    assert visit.beacons.events() == ["m", "v"]
+    assert await visit.counts() == {"late": (1, 1)}
+
+
+@bounded
 async def test_a_reload_is_a_new_render_and_one_render_never_counts_twice(visit: Visit) -> None:
     await visit.show(visit.creative("again", top=0))
     await asyncio.sleep(1.5)

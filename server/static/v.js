@@ -25,15 +25,23 @@
     };
   }
 
-  guard(function () {
-    var script = d.currentScript;
+  var measure = guard(function (script) {
     if (!script || !w.IntersectionObserver) return;
     var attr = function (name) {
       return script.getAttribute('data-' + name) || '';
     };
     var selector = attr('target');
     var el = selector ? d.querySelector(selector) : script.parentElement;
-    if (!el) return;
+    if (!el) {
+      // The script may run before the parser reaches its target: one more look once the
+      // document is parsed.
+      if (selector && d.readyState == 'loading') {
+        d.addEventListener('DOMContentLoaded', function () {
+          measure(script);
+        });
+      }
+      return;
+    }
     var video = attr('format') == 'video';
     var url =
       script.src.replace(/[^\/?#]*([?#].*)?$/, 'v.gif') +
@@ -108,5 +116,6 @@
     } else {
       start();
     }
-  })();
+  });
+  measure(d.currentScript);
 })(window, document);
