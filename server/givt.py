@@ -69,10 +69,11 @@ def is_bot(user_agent: str) -> bool:
 
 def classify(headers: Mapping[str, str]) -> str | None:
     """Returns the GIVT reason of a request, or ``None`` for a human one."""
+    # Browsers send these tokens in lower case; HTTP tokens compare without regard to case.
     if (
-        headers.get("Sec-Purpose", "").startswith("prefetch")
-        or headers.get("Purpose", "") == "prefetch"
-        or headers.get("X-Moz", "") == "prefetch"
+        headers.get("Sec-Purpose", "").lower().startswith("prefetch")
+        or headers.get("Purpose", "").strip().lower() == "prefetch"
+        or headers.get("X-Moz", "").strip().lower() == "prefetch"
     ):
         return PREFETCH
     return classify_user_agent(headers.get("User-Agent", "").strip())

@@ -44,6 +44,8 @@ PREFETCHES = {
     "sec-purpose-prerender": {"Sec-Purpose": "prefetch;prerender"},
     "purpose": {"Purpose": "prefetch"},
     "x-moz": {"X-Moz": "prefetch"},
+    "purpose-capitalised": {"Purpose": "Prefetch"},
+    "x-moz-upper-case": {"X-Moz": "PREFETCH"},
 }
 
 
