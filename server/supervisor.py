@@ -201,7 +201,7 @@ class Supervisor:
                 config.host,
                 config.port,
                 config.admin_host,
-                config.admin_port,
+                admin_runner.addresses[0][1],  # the port bound, which port 0 leaves to the system
             )
             while not stopping.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
