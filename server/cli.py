@@ -163,8 +163,8 @@ def serve(config: Config) -> int:
         dsn = embedded.dsn
         if not embedded.started:
             log.warning(
-                "the embedded PostgreSQL in %s was running already (another server's); it is"
-                " used as it is and left running at exit",
+                "the embedded PostgreSQL in %s was running already, another server's, which"
+                " is running too; it is used as it is and left running at exit",
                 embedded.pgdata,
             )
         print(

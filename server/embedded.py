@@ -58,6 +58,8 @@ class EmbeddedPostgres:
         self.psql = self.bin / "psql"
         data_dir.mkdir(parents=True, exist_ok=True)
         self.pgdata = data_dir.resolve() / CLUSTER
+        # The pid of the process that started the running server, which stops it.
+        self._owner = data_dir.resolve() / f"{CLUSTER}.owner"
         self._user = _system_user() if os.geteuid() == 0 else None
         self.socket_dir = self.pgdata
         self.started = False  # by this object, which stop() then stops
@@ -74,6 +76,12 @@ class EmbeddedPostgres:
             log.info("created a PostgreSQL cluster in %s", self.pgdata)
         if self.running():
             self._use_running_socket()
+            if not _alive(self._owner_pid()):
+                # Its server was killed outright (SIGKILL, out of memory): this one stops it.
+                log.info(
+                    "the embedded PostgreSQL in %s outlived its server; taken over", self.pgdata
+                )
+                self._own_server()
             return
         if len(str(self.socket_dir)) > _MAX_SOCKET_DIR:
             self.socket_dir = Path(tempfile.mkdtemp(prefix="pixel-pg-"))
@@ -101,7 +109,17 @@ class EmbeddedPostgres:
             )
         except RuntimeError as error:
             raise RuntimeError(f"{error} (the server's log: {log_file})") from None
+        self._own_server()
+
+    def _own_server(self) -> None:
         self.started = True
+        self._owner.write_text(str(os.getpid()))
+
+    def _owner_pid(self) -> int | None:
+        try:
+            return int(self._owner.read_text())
+        except (OSError, ValueError):
+            return None
 
     def running(self) -> bool:
         status = subprocess.run(
@@ -134,6 +152,7 @@ class EmbeddedPostgres:
         if self.running():
             self._run("pg_ctl", "-D", self.pgdata, "-m", "fast", "-w", "stop")
         self.started = False
+        self._owner.unlink(missing_ok=True)
         if self._temporary_socket_dir:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
             self.socket_dir, self._temporary_socket_dir = self.pgdata, False
@@ -166,6 +185,18 @@ class EmbeddedPostgres:
             if not mode & stat.S_IXOTH:
                 parent.chmod(mode | stat.S_IXOTH)
                 log.info("made %s traversable for the %s user", parent, self._user)
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def shared_buffers() -> str:

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import logging
 import random
 import time
@@ -40,6 +41,9 @@ BACKOFF_CAP = 10.0
 CONNECT_TIMEOUT = 5.0
 # How often the ledger's old rows are pruned (by one server of those sharing the database).
 PRUNING_INTERVAL = 3600.0
+PRUNING_BUDGET = 1.0  # seconds a flush may spend pruning
+# Errors of a spool entry that is no file to read, and never will be.
+_NOT_A_FILE = {errno.EISDIR, errno.ELOOP}
 
 # Errors after which the batch stays pending and the connections are opened anew.
 _RETRYABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -101,6 +105,8 @@ class Flusher:
         self._retry_at = 0.0
         self._stopping = asyncio.Event()
         self._sealing = asyncio.Lock()
+        self._spooling = asyncio.Lock()  # one writer of the batches in memory at a time
+        self._progress = 0  # batches taken by the connections, ever
         self._spool_full = False  # logged once per episode
         self.problem = "not connected to the database yet"
         if self._pending:
@@ -124,14 +130,16 @@ class Flusher:
         spooled, so a hard kill loses at most one interval's counts."""
         while not self._stopping.is_set():
             flushing = asyncio.ensure_future(self._flush_reporting_errors())
+            progress = self._progress
             try:
                 while not (await asyncio.wait({flushing}, timeout=self._interval))[0]:
-                    await self._spool_ahead()
+                    progress = await self._spool_ahead(progress)
             except asyncio.CancelledError:
                 flushing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await flushing
                 raise
+            flushing.result()  # raises what a flush could not report itself
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._interval)
 
@@ -143,12 +151,19 @@ class Flusher:
             # stopped would leave every count from then on in memory only.
             log.exception("the flush failed; the next one tries again")
 
-    async def _spool_ahead(self) -> None:
-        """While a flush waits on the database: seals the window, and spools the batches in
-        memory, those the flush is applying too (the ledger applies a batch once, from
-        wherever it comes)."""
-        await self._seal()
-        await self._spool_in_memory(capping=False)
+    async def _spool_ahead(self, progress: int) -> int:
+        """While a flush has applied no batch for an interval (a database that hangs): seals
+        the window, and spools the batches in memory, those the flush is applying too (the
+        ledger applies a batch once, from wherever it comes). A flush that goes on applying
+        batches, however long it takes, is left alone. Returns the progress seen."""
+        if self._progress != progress:
+            return self._progress
+        try:
+            await self._seal()
+            await self._spool_in_memory(capping=False)
+        except Exception:
+            log.exception("spooling ahead of a flush that waits failed")
+        return self._progress
 
     def stop(self) -> None:
         """Asks :meth:`run` to return after the flush in progress, if any."""
@@ -158,7 +173,12 @@ class Flusher:
         """Stops :meth:`run`, the task ``running``, giving the flush in progress ``seconds``.
         Past them its connections are dropped, so it ends at once, its batches pending."""
         self.stop()
-        if not await self._within(running, seconds):
+        try:
+            finished = await self._within(running, seconds)
+        except Exception:
+            log.exception("the flusher stopped on an error; the final flush goes on")
+            return
+        if not finished:
             log.warning(
                 "shutdown: the flush in progress did not finish within %.1f s; its connections"
                 " were dropped",
@@ -350,12 +370,19 @@ class Flusher:
             await self._prune_ledger()
 
     async def _prune_ledger(self) -> None:
-        self._prune_at = asyncio.get_running_loop().time() + PRUNING_INTERVAL
+        """Prunes the ledger for a second at most, so the flushes hardly wait: again in an
+        hour, or in a minute while old rows are left (a ledger never pruned before)."""
+        loop = asyncio.get_running_loop()
+        self._prune_at = loop.time() + PRUNING_INTERVAL
         try:
-            pruned = await storage.prune_ledger(self._connections[0], self._ledger_seconds)
+            pruned, done = await storage.prune_ledger(
+                self._connections[0], self._ledger_seconds, PRUNING_BUDGET
+            )
         except _RETRYABLE as error:
             log.warning("cannot prune the ledger: %s; next try in an hour", describe(error))
             return
+        if not done:
+            self._prune_at = loop.time() + PRUNING_INTERVAL / 60
         if pruned:
             log.info(
                 "pruned %d ledger rows older than %.0f days", pruned, self._ledger_seconds / 86400
@@ -363,21 +390,30 @@ class Flusher:
 
     async def _apply_each(self, connection: Any, arrivals: asyncio.Queue[Pending | None]) -> None:
         while (item := await arrivals.get()) is not None:
-            await self._apply(connection, item)
-            self._pending.remove(item)
+            if await self._apply(connection, item):
+                self._pending.remove(item)
+            self._progress += 1
 
-    async def _apply(self, connection: Any, item: Pending) -> None:
-        """Applies one pending batch, or dead-letters it; raises what is worth a retry."""
+    async def _apply(self, connection: Any, item: Pending) -> bool:
+        """Applies one pending batch, or dead-letters it; raises what is worth a retry.
+        False if the batch stays pending: its spool file could not be read this time."""
         batch = item.batch
         if batch is None:
             assert item.path is not None
             try:
                 batch = await asyncio.to_thread(self._spool.read, item.path)
             except FileNotFoundError:
-                return  # applied and removed by another process sharing the spool
-            except (ValueError, OSError) as error:  # not a batch file, or not readable
+                return True  # applied and removed by another process sharing the spool
+            except ValueError as error:  # not a batch file
                 await self._quarantine(item.path, error)
-                return
+                return True
+            except OSError as error:
+                if error.errno in _NOT_A_FILE:  # and never will be
+                    await self._quarantine(item.path, error)
+                    return True
+                # Out of file descriptors, say: the spool's trouble, and maybe passing.
+                log.error("cannot read spool file %s: %s; it waits", item.path, describe(error))
+                return False
             age = _spooled_seconds_ago(item.path)
             if age > self._ledger_seconds:
                 why = (
@@ -386,7 +422,7 @@ class Flusher:
                     " back into the spool to apply it all the same"
                 )
                 await self._dead_letter(batch, why, item.path)
-                return
+                return True
         started = time.perf_counter()
         try:
             applied = await storage.apply(connection, batch)
@@ -394,7 +430,7 @@ class Flusher:
             if not is_permanent(error):
                 raise
             await self._dead_letter(batch, f"PostgreSQL rejected it: {describe(error)}", item.path)
-            return
+            return True
         seconds = time.perf_counter() - started
         if item.path is not None:
             try:
@@ -411,6 +447,7 @@ class Flusher:
             self._metrics.flushed(batch.rows, seconds)
         else:
             log.warning("batch %s was already applied; skipped", batch.batch_id)
+        return True
 
     async def _dead_letter(self, batch: Batch, why: str, path: Path | None) -> None:
         target = await asyncio.to_thread(self._spool.dead_letter, batch, why, path)
@@ -442,6 +479,10 @@ class Flusher:
         """Writes the batches held in memory to the spool, while it has room; then, if
         ``capping``, drops the oldest beyond ``max_in_memory`` (never while a flush may be
         applying them)."""
+        async with self._spooling:
+            await self._write_in_memory(capping)
+
+    async def _write_in_memory(self, capping: bool) -> None:
         for item in list(self._pending):  # a flush under way may remove some meanwhile
             if item.path is not None or item.batch is None:
                 continue
@@ -462,7 +503,10 @@ class Flusher:
                 break
             item.batch = None
             if item not in self._pending:  # applied by a flush under way meanwhile
-                await asyncio.to_thread(self._spool.remove, item.path)
+                try:
+                    await asyncio.to_thread(self._spool.remove, item.path)
+                except OSError as error:
+                    log.error("cannot remove %s, applied meanwhile: %s", item.path, error)
         if not capping:
             return
         in_memory = [item for item in self._pending if item.path is None]

@@ -9,7 +9,9 @@ matches them (its exclusions removed first, then any crawler pattern found). Pyt
 backtracking ``re``, which CrawlerDetect itself uses, takes time quadratic in a long run of
 letters or digits in the header (5.5 s for 8,000 of them), so one request could stall a
 worker. RE2 has no lookaround: the few patterns with one are matched by ``re`` on their own,
-and each is a literal followed by a lookahead, linear as well.
+and each is a literal followed by a lookahead, linear as well. RE2's digit, word and
+word-boundary classes are ASCII where those of ``re`` are Unicode: a User-Agent with digits of
+another script (Arabic-Indic, say) where a pattern has ASCII ones is not taken for that bot.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ _CRAWLERS_WITH_LOOKAROUND = re.compile(
 
 
 def _is_crawler(user_agent: str) -> bool:
+    if not user_agent.isascii():
+        # RE2 takes UTF-8 only, and a header's undecodable bytes arrive as lone surrogates.
+        user_agent = user_agent.encode("utf-8", "replace").decode("utf-8")
     agent = _EXCLUSIONS.sub("", user_agent)
     return bool(agent) and bool(_CRAWLERS.search(agent) or _CRAWLERS_WITH_LOOKAROUND.search(agent))
 

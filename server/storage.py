@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib.resources
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -70,9 +71,13 @@ class MigrationError(Exception):
     theirs that depends on what the migration changes, say), not an outage."""
 
 
-# SQLSTATE classes of a database that is away or overloaded, not of a migration it refuses:
-# connection exceptions, insufficient resources, operator intervention, system errors.
-_OUTAGE_CLASSES = {"08", "53", "57", "58"}
+# SQLSTATE classes of a database that is away, busy or read-only, not of a migration it
+# refuses: connection exceptions, read-only transactions, deadlocks and serialization failures,
+# insufficient resources, locks not available, operator intervention, system errors.
+_OUTAGE_CLASSES = {"08", "25", "40", "53", "55", "57", "58"}
+# A migration may rebuild a table or an index of years of counts: far longer than a flush's
+# statements may take.
+MIGRATION_TIMEOUT = 3600.0
 
 
 async def migrate(connection: Any) -> list[int]:
@@ -91,7 +96,7 @@ async def migrate(connection: Any) -> list[int]:
             if version in done:
                 continue
             try:
-                await connection.execute(sql)
+                await connection.execute(sql, timeout=MIGRATION_TIMEOUT)
             except asyncpg.PostgresError as error:
                 if (error.sqlstate or "")[:2] in _OUTAGE_CLASSES:
                     raise
@@ -121,17 +126,33 @@ async def connect(dsn: str, timeout: float, *, migrating: bool = True) -> Any:
     return connection
 
 
-async def prune_ledger(connection: Any, seconds: float) -> int | None:
-    """Deletes the ledger's rows older than ``seconds``; returns how many, or None if
-    another server is pruning it (one at a time is enough)."""
-    async with connection.transaction():
-        if not await connection.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PRUNING_LOCK):
-            return None
-        status = await connection.execute(
-            "DELETE FROM flush_batches WHERE applied_at < now() - make_interval(secs => $1)",
-            float(seconds),
-        )
-    return int(status.rpartition(" ")[2])
+# The ledger's rows are pruned this many at a time, each chunk a short transaction of its own.
+PRUNING_CHUNK = 10_000
+
+
+async def prune_ledger(connection: Any, seconds: float, budget: float) -> tuple[int, bool]:
+    """Deletes the ledger's rows older than ``seconds``, a chunk at a time, for about
+    ``budget`` seconds at most; returns how many, and whether none is left to delete (or
+    another server is pruning: one at a time is enough)."""
+    deleted = 0
+    deadline = time.monotonic() + budget
+    while True:
+        async with connection.transaction():
+            if not await connection.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PRUNING_LOCK):
+                return deleted, True
+            status = await connection.execute(
+                "DELETE FROM flush_batches WHERE ctid = ANY (ARRAY("
+                " SELECT ctid FROM flush_batches"
+                " WHERE applied_at < now() - make_interval(secs => $1) LIMIT $2))",
+                float(seconds),
+                PRUNING_CHUNK,
+            )
+        chunk = int(status.rpartition(" ")[2])
+        deleted += chunk
+        if chunk < PRUNING_CHUNK:
+            return deleted, True
+        if time.monotonic() >= deadline:
+            return deleted, False
 
 
 # Whether either of two keys has a row.

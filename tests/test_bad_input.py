@@ -71,6 +71,22 @@ async def test_a_fragment_sent_with_the_pixel_is_no_part_of_the_query(
     assert [tuple(row) for row in rows] == [("a", "b", "", 1)]
 
 
+async def test_a_user_agent_of_bytes_that_are_not_utf8_gets_the_gif_and_is_counted(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    server = pixel_server(f"--dsn={database}")
+    for target in (b"/i.gif?cid=bytes", b"/v.gif?cid=bytes&e=m"):
+        request = b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nUser-Agent: Mozilla/5.0 \xff\xfe\r\n"
+        answer = await asyncio.to_thread(
+            exchange, server.port, request + b"Connection: close\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(GIF), answer
+    assert server.terminate() == 0
+    assert "Traceback" not in server.log()
+    rows = await fetch(database, "SELECT campaign, impressions, measurable FROM pixel_counts")
+    assert [tuple(row) for row in rows] == [("bytes", 1, 1)]
+
+
 @pytest.mark.parametrize(
     "request_bytes",
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -74,3 +75,24 @@ def test_a_long_data_folder_gets_a_socket_folder_for_as_long_as_it_runs(tmp_path
     finally:
         postgres.stop()
     assert not postgres.running() and not socket_dir.exists()
+
+
+def test_a_database_whose_server_was_killed_is_taken_over(tmp_path: Path) -> None:
+    """The server that started the embedded PostgreSQL died without stopping it (SIGKILL):
+    the next one to use it owns it, and stops it; one whose starter lives does not."""
+    first = EmbeddedPostgres(tmp_path / "data")
+    first.start()
+    try:
+        second = EmbeddedPostgres(tmp_path / "data")
+        second.start()
+        assert not second.started  # the first, this very process, is alive
+        killed = subprocess.Popen(["true"])
+        killed.wait()
+        (tmp_path / "data" / "postgres.owner").write_text(str(killed.pid))
+        third = EmbeddedPostgres(tmp_path / "data")
+        third.start()
+        assert third.started
+        third.stop()
+        assert not first.running()
+    finally:
+        first.stop()

@@ -53,12 +53,14 @@ REFERENCE = CrawlerDetect()
 # Patterns CrawlerDetect's crawler list holds, bar those with a lookaround (Hypothesis cannot
 # make strings for them); the one it has is tried by hand below.
 PATTERNS = [pattern for pattern in crawler_patterns if "(?" not in pattern]
-USER_AGENT_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=0x17F), max_size=60)
+# Printable ASCII: RE2's \d and \w are ASCII where Python's are Unicode (server/givt.py).
+ASCII = st.characters(min_codepoint=32, max_codepoint=126)
+USER_AGENT_TEXT = st.text(ASCII, max_size=60)
 
 
 @settings(max_examples=600, deadline=None)
 @given(
-    st.sampled_from(PATTERNS).flatmap(lambda pattern: st.from_regex(pattern)),
+    st.sampled_from(PATTERNS).flatmap(lambda pattern: st.from_regex(pattern, alphabet=ASCII)),
     USER_AGENT_TEXT,
     st.sampled_from([*BROWSERS.values(), ""]),
 )

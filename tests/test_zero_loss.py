@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import datetime
 import errno
 import struct
 import subprocess
@@ -711,6 +712,26 @@ async def test_shutdown_with_the_database_hung_spools_in_time_and_the_next_start
     assert not list(tmp_path.glob("*.batch"))
 
 
+async def test_a_flusher_that_stopped_on_a_bug_still_makes_the_final_flush(
+    database: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    counters = Counters()
+    flusher = Flusher(counters, database, Metrics(), 60.0, Spool(tmp_path, 1 << 20), 10, 2)
+
+    async def a_bug() -> None:
+        raise RuntimeError("a bug")
+
+    flusher._flush_reporting_errors = a_bug  # type: ignore[method-assign]
+    running = asyncio.create_task(flusher.run())
+    await asyncio.wait({running}, timeout=5)
+    assert running.done()
+    counters.add(60, "kept", "", "", "", IMPRESSIONS, 3)
+    await flusher.finish(running, 1.0)
+    await flusher.close(5.0)
+    assert "the flusher stopped on an error" in caplog.text
+    assert await impressions(database) == {"kept": 3}
+
+
 async def test_a_hung_database_holds_no_more_than_an_interval_of_counts_in_memory(
     database: str, tmp_path: Path
 ) -> None:
@@ -744,6 +765,84 @@ async def test_a_hung_database_holds_no_more_than_an_interval_of_counts_in_memor
             await running
         await proxy.close()
     assert await impressions(database) == {"before": 3, "hung": 4, "later": 5}
+
+
+async def test_a_slow_flush_that_goes_on_applying_batches_spools_nothing_ahead(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush that takes longer than the interval, but applies batch after batch (a big
+    window, a busy database), is left alone: writing its batches to disk as well would only
+    slow it."""
+    monkeypatch.setattr(batch_module, "BATCH_ROWS", 10)
+    apply = storage.apply
+
+    async def slow_apply(connection: object, batch: Batch) -> bool:
+        await asyncio.sleep(0.03)  # 10 batches over 2 connections: 0.15 s, the interval 0.05
+        return await apply(connection, batch)
+
+    monkeypatch.setattr(storage, "apply", slow_apply)
+    spool = Spool(tmp_path, 1 << 20)
+    written: list[Batch] = []
+
+    def write(batch: Batch) -> Path:
+        written.append(batch)
+        return Path("/none")
+
+    monkeypatch.setattr(spool, "write", write)
+    counters = Counters()
+    flusher = Flusher(counters, database, Metrics(), 0.05, spool, 10, 2)
+    await flusher.flush()  # connected
+    expected = expect_keys(counters, 100)
+    running = asyncio.create_task(flusher.run())
+    await wait_for(lambda: not len(counters) and not flusher.pending_batches)
+    await flusher.finish(running, 5.0)
+    await flusher.close(5.0)
+    assert await totals_by_key(database) == expected
+    assert written == []
+
+
+async def test_a_spool_file_that_cannot_be_read_for_now_waits(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of file descriptors, say: the file stays for the next flush, not dead-lettered,
+    and the database is not blamed."""
+    spool = Spool(tmp_path, 1 << 20)
+    spool.write(batch_of((60, "later", "", "", "", 6, 0, 0, 0, 0, 0)))
+    read = spool.read
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    def read_failing_once(path: Path) -> Batch:
+        if failures:
+            raise failures.pop()
+        return read(path)
+
+    monkeypatch.setattr(spool, "read", read_failing_once)
+    metrics = Metrics()
+    flusher = Flusher(Counters(), database, metrics, 1.0, spool, 10, 1)
+    await flusher.flush()
+    assert flusher.ready and flusher.pending_batches == 1 and metrics.dead_lettered == 0
+    assert await impressions(database) == {}
+    await flusher.flush()
+    assert flusher.pending_batches == 0 and await impressions(database) == {"later": 6}
+    await flusher.close(5.0)
+
+
+async def test_the_ledger_is_pruned_a_chunk_at_a_time(
+    database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "PRUNING_CHUNK", 2)
+    connection = await storage.connect(database, 10.0)
+    try:
+        await connection.executemany(
+            "INSERT INTO flush_batches (batch_id, row_count, applied_at) VALUES ($1, 1, $2)",
+            [(uuid.uuid4(), datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)) for _ in range(5)]
+            + [(kept := uuid.uuid4(), datetime.datetime.now(datetime.UTC))],
+        )
+        assert await storage.prune_ledger(connection, 86400, 0.0) == (2, False)  # the budget
+        assert await storage.prune_ledger(connection, 86400, 60.0) == (3, True)
+    finally:
+        await connection.close()
+    assert [row[0] for row in await fetch(database, "SELECT batch_id FROM flush_batches")] == [kept]
 
 
 async def test_a_flush_that_fails_on_a_bug_is_reported_and_the_next_one_goes_on(
