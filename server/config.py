@@ -137,8 +137,8 @@ class Config:
     ledger_days: int = _setting(
         30,
         _positive_int,
-        "days the ledger (flush_batches) keeps an applied batch's id; a spooled batch older"
-        " than that is dead-lettered rather than risk counting it twice",
+        "days the ledger (flush_batches) keeps an applied batch's id; a spooled batch written"
+        " before the pruned rows is dead-lettered rather than risk counting it twice",
     )
     max_pending_batches: int = _setting(
         300,

@@ -42,6 +42,8 @@ CONNECT_TIMEOUT = 5.0
 # How often the ledger's old rows are pruned (by one server of those sharing the database).
 PRUNING_INTERVAL = 3600.0
 PRUNING_BUDGET = 1.0  # seconds a flush may spend pruning
+# A batch may have been applied (its commit's answer lost) this long before it was spooled.
+SPOOLING_MARGIN = 3600.0
 # Errors of a spool entry that is no file to read, and never will be.
 _NOT_A_FILE = {errno.EISDIR, errno.ELOOP}
 
@@ -87,8 +89,8 @@ class Flusher:
         """``max_in_memory`` caps the batches held in memory while the spool cannot take them
         (over budget, disk failing); beyond it the oldest is dropped, counted and logged.
         ``connections`` batches are merged at once, each over a connection of its own. The
-        ledger keeps an applied batch's id ``ledger_seconds``: a spooled batch older than
-        that is dead-lettered, for it may have been applied already."""
+        ledger keeps an applied batch's id ``ledger_seconds``: a spooled batch written before
+        the rows it has pruned is dead-lettered, for it may have been applied already."""
         self._counters = counters
         self._max_in_memory = max_in_memory
         self._dsn = dsn
@@ -414,11 +416,11 @@ class Flusher:
                 # Out of file descriptors, say: the spool's trouble, and maybe passing.
                 log.error("cannot read spool file %s: %s; it waits", item.path, describe(error))
                 return False
-            age = _spooled_seconds_ago(item.path)
-            if age > self._ledger_seconds:
+            spooled = _spooled_at(item.path)
+            if spooled - SPOOLING_MARGIN < await storage.ledger_horizon(connection):
                 why = (
-                    f"spooled {age / 86400:.0f} days ago, longer than the ledger keeps the ids"
-                    " of applied batches (--ledger-days): it may have been applied; move it"
+                    f"spooled {(time.time() - spooled) / 86400:.0f} days ago, before the"
+                    " ledger's pruned rows (--ledger-days): it may have been applied; move it"
                     " back into the spool to apply it all the same"
                 )
                 await self._dead_letter(batch, why, item.path)
@@ -563,7 +565,8 @@ class Flusher:
         (first if self._failures == 1 else log.info)(message, *args)
 
 
-def _spooled_seconds_ago(path: Path) -> float:
-    """How long ago a spool file was written, by the nanoseconds its name starts with."""
+def _spooled_at(path: Path) -> float:
+    """When a spool file was written, in unix seconds, by the nanoseconds its name starts
+    with; now for a name that holds none."""
     written, _, _ = path.name.partition("-")
-    return (time.time_ns() - int(written)) / 1e9 if written.isdigit() else 0.0
+    return int(written) / 1e9 if written.isdigit() else time.time()

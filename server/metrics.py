@@ -177,7 +177,7 @@ class Metrics:
         counter(
             "pixel_dead_lettered_batches_total",
             "Batches moved to the dead-letter folder: rejected by PostgreSQL, unreadable, or"
-            " spooled longer than the ledger remembers",
+            " spooled before the ledger's pruned rows",
             self.dead_lettered,
         )
         for name, (help, read, merge) in self.gauges.items():

@@ -140,11 +140,15 @@ async def prune_ledger(connection: Any, seconds: float, budget: float) -> tuple[
         async with connection.transaction():
             if not await connection.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PRUNING_LOCK):
                 return deleted, True
+            cutoff = await connection.fetchval(
+                "UPDATE ledger_horizon SET pruned_before = greatest(pruned_before,"
+                " now() - make_interval(secs => $1)) RETURNING pruned_before",
+                float(seconds),
+            )
             status = await connection.execute(
                 "DELETE FROM flush_batches WHERE ctid = ANY (ARRAY("
-                " SELECT ctid FROM flush_batches"
-                " WHERE applied_at < now() - make_interval(secs => $1) LIMIT $2))",
-                float(seconds),
+                " SELECT ctid FROM flush_batches WHERE applied_at < $1 LIMIT $2))",
+                cutoff,
                 PRUNING_CHUNK,
             )
         chunk = int(status.rpartition(" ")[2])
@@ -153,6 +157,14 @@ async def prune_ledger(connection: Any, seconds: float, budget: float) -> tuple[
             return deleted, True
         if time.monotonic() >= deadline:
             return deleted, False
+
+
+async def ledger_horizon(connection: Any) -> float:
+    """How far back the ledger has been pruned, in unix seconds (-inf if never)."""
+    pruned_before = await connection.fetchval(
+        "SELECT extract(epoch FROM pruned_before)::float8 FROM ledger_horizon"
+    )
+    return float("-inf") if pruned_before is None else float(pruned_before)
 
 
 # Whether either of two keys has a row.

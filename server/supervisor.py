@@ -101,8 +101,9 @@ class Supervisor:
     def _socket(self, index: int) -> Path:
         return self._run_dir / f"worker-{index}.sock"
 
-    async def _start(self, index: int) -> bool:
-        """Starts worker ``index``; whether it got ready."""
+    async def _start(self, index: int, stopping: asyncio.Event) -> bool:
+        """Starts worker ``index``; whether it got ready (it is not waited for once
+        ``stopping`` is set)."""
         socket = self._socket(index)
         socket.unlink(missing_ok=True)
         self._workers[index] = await asyncio.create_subprocess_exec(
@@ -118,7 +119,12 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         self._started_at[index] = loop.time()
         deadline = loop.time() + START_TIMEOUT
-        while not socket.exists() and worker.returncode is None and loop.time() < deadline:
+        while (
+            not socket.exists()
+            and worker.returncode is None
+            and loop.time() < deadline
+            and not stopping.is_set()
+        ):
             await asyncio.sleep(0.05)
         if socket.exists():
             log.info("worker %d ready (pid %d)", index, worker.pid)
@@ -171,7 +177,7 @@ class Supervisor:
         restart_at = self._restart_at[index]
         if restart_at is not None and loop.time() >= restart_at and not stopping.is_set():
             self._restart_at[index] = None
-            await self._start(index)
+            await self._start(index, stopping)
 
     async def run(self) -> int:
         """Supervises until SIGTERM or SIGINT; returns the exit status."""
@@ -190,7 +196,9 @@ class Supervisor:
                 log.error("cannot listen: %s", error)
                 return 1
             for index in range(config.workers):
-                if not await self._start(index):
+                if stopping.is_set():  # SIGTERM while starting: stop those started
+                    break
+                if not await self._start(index, stopping) and not stopping.is_set():
                     # As a single server does when it cannot start: stop, and say so.
                     log.error("worker %d did not start; stopping", index)
                     await self._stop_workers()

@@ -380,12 +380,21 @@ async def test_an_unreadable_spool_file_is_moved_aside_and_blames_no_database(
     await flusher.close(5.0)
 
 
-async def test_the_ledger_forgets_old_batches_and_spool_files_older_than_it_wait_aside(
+def spool_at(folder: Path, batch: Batch, seconds_ago: float) -> None:
+    """Spools ``batch`` as if ``seconds_ago``: spool files are named by when they were written."""
+    written = Spool(folder, 1 << 30).write(batch)
+    then = time.time_ns() - int(seconds_ago * 1e9)
+    written.rename(written.with_name(f"{then:020d}-{batch.batch_id}.batch"))
+
+
+async def test_the_ledger_forgets_old_batches_and_a_spool_file_older_than_that_waits_aside(
     database: str, tmp_path: Path
 ) -> None:
-    """The ledger keeps an applied batch's id for ``ledger_seconds`` (a day here): older rows
-    are pruned, and a spool file older than that is dead-lettered, not applied, for it may
-    have been applied before the ledger forgot it."""
+    """The ledger keeps an applied batch's id for ``ledger_seconds`` (a day here). A spooled
+    batch the ledger has not been pruned past is applied, however old (an outage of any
+    length, nothing pruned meanwhile); one written before the pruned rows is dead-lettered,
+    for it may have been applied before the ledger forgot it."""
+    day = 86400
     connection = await storage.connect(database, 10.0)  # the schema
     try:
         await connection.execute(
@@ -396,20 +405,25 @@ async def test_the_ledger_forgets_old_batches_and_spool_files_older_than_it_wait
         )
     finally:
         await connection.close()
-    old = batch_of((60, "old", "", "", "", 4, 0, 0, 0, 0, 0))
-    written = Spool(tmp_path, 1 << 20).write(old)
-    two_days_ago = time.time_ns() - 2 * 86400 * 10**9
-    written.rename(written.with_name(f"{two_days_ago:020d}-{old.batch_id}.batch"))
-    fresh = batch_of((60, "fresh", "", "", "", 5, 0, 0, 0, 0, 0))
-    Spool(tmp_path, 1 << 20).write(fresh)
+    outage = batch_of((60, "outage", "", "", "", 3, 0, 0, 0, 0, 0))
+    spool_at(tmp_path, outage, 40 * day)  # never pruned past yet: applied, then pruning
     metrics = Metrics()
-    spool = Spool(tmp_path, 1 << 20)
-    flusher = Flusher(Counters(), database, metrics, 1.0, spool, 10, 2, ledger_seconds=86400)
+    spool = Spool(tmp_path, 1 << 30)
+    flusher = Flusher(Counters(), database, metrics, 1.0, spool, 10, 2, ledger_seconds=day)
     await flusher.flush()
-    await flusher.close(5.0)
-    assert await impressions(database) == {"fresh": 5}
+    assert await impressions(database) == {"outage": 3}
     ledger = await fetch(database, "SELECT batch_id FROM flush_batches")
-    assert {row[0] for row in ledger} == {kept, fresh.batch_id}
+    assert {row[0] for row in ledger} == {kept, outage.batch_id}  # the 25 hours old one went
+
+    old = batch_of((60, "old", "", "", "", 4, 0, 0, 0, 0, 0))
+    spool_at(tmp_path, old, 2 * day)  # before the pruned rows: aside
+    recent = batch_of((60, "recent", "", "", "", 5, 0, 0, 0, 0, 0))
+    spool_at(tmp_path, recent, 0.8 * day)
+    restarted = Flusher(Counters(), database, metrics, 1.0, Spool(tmp_path, 1 << 30), 10, 2)
+    await restarted.flush()
+    await restarted.close(5.0)
+    await flusher.close(5.0)
+    assert await impressions(database) == {"outage": 3, "recent": 5}
     (letter,) = spool.dead_letter_directory.iterdir()
     head = orjson.loads(letter.read_bytes().partition(b"\n")[0])
     assert head["batch_id"] == str(old.batch_id) and "spooled 2 days ago" in head["error"]
