@@ -76,12 +76,15 @@ class EmbeddedPostgres:
             log.info("created a PostgreSQL cluster in %s", self.pgdata)
         if self.running():
             self._use_running_socket()
-            if not _alive(self._owner_pid()):
+            owner = self._owner_pid()
+            if owner is not None and not _alive(owner):
                 # Its server was killed outright (SIGKILL, out of memory): this one stops it.
+                # (No owner named: started by hand, or by a release that named none; left be.)
                 log.info(
                     "the embedded PostgreSQL in %s outlived its server; taken over", self.pgdata
                 )
-                self._own_server()
+                self._name_owner()
+                self.started = True
             return
         if len(str(self.socket_dir)) > _MAX_SOCKET_DIR:
             self.socket_dir = Path(tempfile.mkdtemp(prefix="pixel-pg-"))
@@ -93,6 +96,7 @@ class EmbeddedPostgres:
             f" -c shared_buffers={shared_buffers()}"
         )
         log_file = self.pgdata / "postgresql.log"
+        self._name_owner()  # first, so that no one starting meanwhile takes it for ownerless
         try:
             self._run(
                 "pg_ctl",
@@ -108,12 +112,19 @@ class EmbeddedPostgres:
                 "start",
             )
         except RuntimeError as error:
+            self._owner.unlink(missing_ok=True)
             raise RuntimeError(f"{error} (the server's log: {log_file})") from None
-        self._own_server()
-
-    def _own_server(self) -> None:
         self.started = True
-        self._owner.write_text(str(os.getpid()))
+
+    def _name_owner(self) -> None:
+        """Names this process, in a file written whole or not at all, the one that stops the
+        server."""
+        partial = self._owner.with_name(f"{self._owner.name}.{os.getpid()}")
+        try:
+            partial.write_text(str(os.getpid()))
+            os.replace(partial, self._owner)
+        except OSError as error:
+            raise RuntimeError(f"cannot write {self._owner}: {error}") from None
 
     def _owner_pid(self) -> int | None:
         try:
@@ -152,7 +163,8 @@ class EmbeddedPostgres:
         if self.running():
             self._run("pg_ctl", "-D", self.pgdata, "-m", "fast", "-w", "stop")
         self.started = False
-        self._owner.unlink(missing_ok=True)
+        if self._owner_pid() == os.getpid():
+            self._owner.unlink(missing_ok=True)
         if self._temporary_socket_dir:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
             self.socket_dir, self._temporary_socket_dir = self.pgdata, False
@@ -187,9 +199,7 @@ class EmbeddedPostgres:
                 log.info("made %s traversable for the %s user", parent, self._user)
 
 
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -154,17 +154,19 @@ class Flusher:
             log.exception("the flush failed; the next one tries again")
 
     async def _spool_ahead(self, progress: int) -> int:
-        """While a flush has applied no batch for an interval (a database that hangs): seals
-        the window, and spools the batches in memory, those the flush is applying too (the
-        ledger applies a batch once, from wherever it comes). A flush that goes on applying
-        batches, however long it takes, is left alone. Returns the progress seen."""
-        if self._progress != progress:
-            return self._progress
+        """Every interval a flush outlasts: seals the window and spools the new batches, so
+        that no more than an interval's counts are only in memory however long the flush
+        takes. If the flush has applied no batch meanwhile (a database that hangs), it
+        spools the batches it is applying too (the ledger applies a batch once, from wherever
+        it comes); a flush that goes on applying them is left to it. Returns the progress
+        seen."""
+        stuck = self._progress == progress
+        sealed: list[Pending] = []
         try:
-            await self._seal()
-            await self._spool_in_memory(capping=False)
+            await self._seal(sealed.append)
+            await self._spool_in_memory(capping=False, only=None if stuck else sealed)
         except Exception:
-            log.exception("spooling ahead of a flush that waits failed")
+            log.exception("spooling ahead of a flush under way failed")
         return self._progress
 
     def stop(self) -> None:
@@ -376,9 +378,18 @@ class Flusher:
         hour, or in a minute while old rows are left (a ledger never pruned before)."""
         loop = asyncio.get_running_loop()
         self._prune_at = loop.time() + PRUNING_INTERVAL
+        # Never past a file in the spool (another worker's, say, from a long outage), whose
+        # batch the ledger may hold, applied before its commit's answer was lost; with a
+        # margin to spare, so the file is not taken for one spooled before the horizon.
+        paths = await asyncio.to_thread(self._spool.paths)
+        spooled = min((_spooled_at(path) for path in paths), default=time.time())
+        spooled -= SPOOLING_MARGIN
         try:
             pruned, done = await storage.prune_ledger(
-                self._connections[0], self._ledger_seconds, PRUNING_BUDGET
+                self._connections[0],
+                self._ledger_seconds,
+                PRUNING_BUDGET,
+                spooled - SPOOLING_MARGIN,
             )
         except _RETRYABLE as error:
             log.warning("cannot prune the ledger: %s; next try in an hour", describe(error))
@@ -477,15 +488,17 @@ class Flusher:
         self._metrics.dead_lettered += 1
         log.error("spool file %s is unreadable (%s); moved to %s", path, describe(error), target)
 
-    async def _spool_in_memory(self, *, capping: bool = True) -> None:
-        """Writes the batches held in memory to the spool, while it has room; then, if
-        ``capping``, drops the oldest beyond ``max_in_memory`` (never while a flush may be
-        applying them)."""
+    async def _spool_in_memory(
+        self, *, capping: bool = True, only: list[Pending] | None = None
+    ) -> None:
+        """Writes the batches held in memory (or those of ``only``) to the spool, while it
+        has room; then, if ``capping``, drops the oldest beyond ``max_in_memory`` (never while
+        a flush may be applying them)."""
         async with self._spooling:
-            await self._write_in_memory(capping)
+            await self._write_in_memory(capping, list(self._pending) if only is None else only)
 
-    async def _write_in_memory(self, capping: bool) -> None:
-        for item in list(self._pending):  # a flush under way may remove some meanwhile
+    async def _write_in_memory(self, capping: bool, items: list[Pending]) -> None:
+        for item in items:  # a copy: a flush under way may remove some meanwhile
             if item.path is not None or item.batch is None:
                 continue
             if self._spool.over_budget:

@@ -130,10 +130,12 @@ async def connect(dsn: str, timeout: float, *, migrating: bool = True) -> Any:
 PRUNING_CHUNK = 10_000
 
 
-async def prune_ledger(connection: Any, seconds: float, budget: float) -> tuple[int, bool]:
-    """Deletes the ledger's rows older than ``seconds``, a chunk at a time, for about
-    ``budget`` seconds at most; returns how many, and whether none is left to delete (or
-    another server is pruning: one at a time is enough)."""
+async def prune_ledger(
+    connection: Any, seconds: float, budget: float, before: float
+) -> tuple[int, bool]:
+    """Deletes the ledger's rows older than ``seconds`` and than ``before`` (unix seconds), a
+    chunk at a time, for about ``budget`` seconds at most; returns how many, and whether none
+    is left to delete (or another server is pruning: one at a time is enough)."""
     deleted = 0
     deadline = time.monotonic() + budget
     while True:
@@ -142,8 +144,10 @@ async def prune_ledger(connection: Any, seconds: float, budget: float) -> tuple[
                 return deleted, True
             cutoff = await connection.fetchval(
                 "UPDATE ledger_horizon SET pruned_before = greatest(pruned_before,"
-                " now() - make_interval(secs => $1)) RETURNING pruned_before",
+                " least(now() - make_interval(secs => $1), to_timestamp($2)))"
+                " RETURNING pruned_before",
                 float(seconds),
+                float(before),
             )
             status = await connection.execute(
                 "DELETE FROM flush_batches WHERE ctid = ANY (ARRAY("

@@ -79,13 +79,18 @@ def test_a_long_data_folder_gets_a_socket_folder_for_as_long_as_it_runs(tmp_path
 
 def test_a_database_whose_server_was_killed_is_taken_over(tmp_path: Path) -> None:
     """The server that started the embedded PostgreSQL died without stopping it (SIGKILL):
-    the next one to use it owns it, and stops it; one whose starter lives does not."""
+    the next one to use it owns it, and stops it; not so while its starter lives, or when no
+    owner is named."""
     first = EmbeddedPostgres(tmp_path / "data")
     first.start()
     try:
         second = EmbeddedPostgres(tmp_path / "data")
         second.start()
         assert not second.started  # the first, this very process, is alive
+        (tmp_path / "data" / "postgres.owner").unlink()
+        unnamed = EmbeddedPostgres(tmp_path / "data")
+        unnamed.start()
+        assert not unnamed.started  # started by hand, or by a release that named no owner
         killed = subprocess.Popen(["true"])
         killed.wait()
         (tmp_path / "data" / "postgres.owner").write_text(str(killed.pid))
