@@ -427,18 +427,22 @@ class Flusher:
                 # Out of file descriptors, say: the spool's trouble, and maybe passing.
                 log.error("cannot read spool file %s: %s; it waits", item.path, describe(error))
                 return False
-            spooled = _spooled_at(item.path)
-            if spooled - SPOOLING_MARGIN < await storage.ledger_horizon(connection):
-                why = (
-                    f"spooled {(time.time() - spooled) / 86400:.0f} days ago, before the"
-                    " ledger's pruned rows (--ledger-days): it may have been applied; move it"
-                    " back into the spool to apply it all the same"
-                )
-                await self._dead_letter(batch, why, item.path)
-                return True
+        path = item.path
+        spooled = None if path is None else _spooled_at(path)
         started = time.perf_counter()
         try:
-            applied = await storage.apply(connection, batch)
+            applied = await storage.apply(
+                connection, batch, None if spooled is None else spooled - SPOOLING_MARGIN
+            )
+        except storage.PastLedgerHorizon:
+            assert spooled is not None
+            why = (
+                f"spooled {(time.time() - spooled) / 86400:.0f} days ago, before the ledger's"
+                " pruned rows (--ledger-days): it may have been applied; move it back into the"
+                " spool to apply it all the same"
+            )
+            await self._dead_letter(batch, why, path)
+            return True
         except (asyncpg.PostgresError, ValueError) as error:
             if not is_permanent(error):
                 raise

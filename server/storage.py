@@ -163,12 +163,9 @@ async def prune_ledger(
             return deleted, False
 
 
-async def ledger_horizon(connection: Any) -> float:
-    """How far back the ledger has been pruned, in unix seconds (-inf if never)."""
-    pruned_before = await connection.fetchval(
-        "SELECT extract(epoch FROM pruned_before)::float8 FROM ledger_horizon"
-    )
-    return float("-inf") if pruned_before is None else float(pruned_before)
+class PastLedgerHorizon(Exception):
+    """A spooled batch written before the rows the ledger has pruned: it may have been
+    applied, its row pruned since."""
 
 
 # Whether either of two keys has a row.
@@ -183,8 +180,13 @@ SELECT EXISTS (
 _POSTGRES_EPOCH = datetime.datetime.fromtimestamp(POSTGRES_EPOCH, datetime.UTC)
 
 
-async def apply(connection: Any, batch: Batch) -> bool:
+async def apply(connection: Any, batch: Batch, written: float | None = None) -> bool:
     """Applies a batch in one transaction; returns False if the ledger says it already was.
+
+    ``written``, for a batch read from the spool, is when it may have been applied at the
+    earliest (unix seconds): :class:`PastLedgerHorizon` if the ledger has been pruned past
+    that. The horizon is read in the batch's transaction, and locked against a prune until
+    it commits.
 
     The rows of a batch whose keys are new to the table are copied straight into it: about
     twice as fast as the merge, which PostgreSQL makes a speculative insert per row. Neither
@@ -193,6 +195,12 @@ async def apply(connection: Any, batch: Batch) -> bool:
     savepoint, and the batch is merged after all. A batch of existing keys, the usual case
     for every flush of a bucket but its first, is merged at once."""
     async with connection.transaction():
+        if written is not None:
+            horizon = await connection.fetchval(
+                "SELECT extract(epoch FROM pruned_before)::float8 FROM ledger_horizon FOR SHARE"
+            )
+            if horizon is not None and written < horizon:
+                raise PastLedgerHorizon(f"the ledger is pruned up to {horizon:.0f}")
         recorded = await connection.fetchval(
             "INSERT INTO flush_batches (batch_id, row_count) VALUES ($1, $2)"
             " ON CONFLICT (batch_id) DO NOTHING RETURNING true",

@@ -594,9 +594,9 @@ async def test_the_first_batches_are_merged_while_the_rest_are_still_sealed(
     merging = threading.Event()
     apply = storage.apply
 
-    async def noted_apply(connection: object, batch: Batch) -> bool:
+    async def noted_apply(connection: object, batch: Batch, written: float | None) -> bool:
         merging.set()
-        return await apply(connection, batch)
+        return await apply(connection, batch, written)
 
     monkeypatch.setattr(storage, "apply", noted_apply)
     merged_meanwhile: list[bool] = []
@@ -791,10 +791,10 @@ async def test_a_slow_flush_that_goes_on_applying_batches_spools_only_new_window
     monkeypatch.setattr(batch_module, "BATCH_ROWS", 5)
     apply, applying = storage.apply, asyncio.Event()
 
-    async def slow_apply(connection: object, batch: Batch) -> bool:
+    async def slow_apply(connection: object, batch: Batch, written: float | None) -> bool:
         applying.set()
         await asyncio.sleep(0.02)  # 100 batches over 2 connections: a second, 2 intervals
-        return await apply(connection, batch)
+        return await apply(connection, batch, written)
 
     monkeypatch.setattr(storage, "apply", slow_apply)
     spool = Spool(tmp_path, 1 << 30)
