@@ -180,8 +180,7 @@ def serve(config: Config) -> int:
             return uvloop.run(supervisor.Supervisor(config, dsn).run())
         return uvloop.run(_serve(config, dsn))
     finally:
-        if embedded is not None and embedded.started:
-            embedded.stop()
+        if embedded is not None and embedded.stop():
             log.info("embedded PostgreSQL stopped")
 
 

@@ -63,7 +63,6 @@ class EmbeddedPostgres:
         self._user = _system_user() if os.geteuid() == 0 else None
         self.socket_dir = self.pgdata
         self.started = False  # by this object, which stop() then stops
-        self._temporary_socket_dir = False
 
     def start(self) -> None:
         """Creates the cluster if need be and starts it. A cluster running already (another
@@ -88,7 +87,6 @@ class EmbeddedPostgres:
             return
         if len(str(self.socket_dir)) > _MAX_SOCKET_DIR:
             self.socket_dir = Path(tempfile.mkdtemp(prefix="pixel-pg-"))
-            self._temporary_socket_dir = True
         self._own(self.socket_dir)
         # pg_ctl hands the options to a shell: the folder is quoted, spaces and all.
         options = (
@@ -155,19 +153,20 @@ class EmbeddedPostgres:
     def dsn(self) -> str:
         return f"postgresql://postgres@/postgres?host={self.socket_dir}"
 
-    def stop(self) -> None:
-        """Stops the server if :meth:`start` started it, cleanly (a fast shutdown: every
-        committed count is on disk)."""
+    def stop(self) -> bool:
+        """Stops the server if :meth:`start` started it (or took it over), cleanly (a fast
+        shutdown: every committed count is on disk); whether it did."""
         if not self.started:
-            return
+            return False
         if self.running():
             self._run("pg_ctl", "-D", self.pgdata, "-m", "fast", "-w", "stop")
         self.started = False
         if self._owner_pid() == os.getpid():
             self._owner.unlink(missing_ok=True)
-        if self._temporary_socket_dir:
+        if self.socket_dir != self.pgdata:  # a temporary one, for a deep data folder
             shutil.rmtree(self.socket_dir, ignore_errors=True)
-            self.socket_dir, self._temporary_socket_dir = self.pgdata, False
+            self.socket_dir = self.pgdata
+        return True
 
     def _run(self, program: str, *args: str | Path) -> None:
         result = subprocess.run(

@@ -379,17 +379,17 @@ class Flusher:
         loop = asyncio.get_running_loop()
         self._prune_at = loop.time() + PRUNING_INTERVAL
         # Never past a file in the spool (another worker's, say, from a long outage), whose
-        # batch the ledger may hold, applied before its commit's answer was lost; with a
-        # margin to spare, so the file is not taken for one spooled before the horizon.
+        # batch the ledger may hold, applied up to a margin before it was spooled; and a
+        # second margin to spare, so the file is never taken for one spooled before the
+        # horizon.
         paths = await asyncio.to_thread(self._spool.paths)
-        spooled = min((_spooled_at(path) for path in paths), default=time.time())
-        spooled -= SPOOLING_MARGIN
+        oldest = min((_spooled_at(path) for path in paths), default=time.time())
         try:
             pruned, done = await storage.prune_ledger(
                 self._connections[0],
                 self._ledger_seconds,
                 PRUNING_BUDGET,
-                spooled - SPOOLING_MARGIN,
+                oldest - 2 * SPOOLING_MARGIN,
             )
         except _RETRYABLE as error:
             log.warning("cannot prune the ledger: %s; next try in an hour", describe(error))

@@ -29,7 +29,7 @@ EMPTY_USER_AGENT = "empty_user_agent"
 KNOWN_BOT = "known_bot"
 
 # User-Agents repeat heavily, so the verdict is cached per string: a hit is one dict lookup
-# instead of a pass over the patterns (about 50 us). Bounded, and long strings, rare in real
+# instead of a pass over the patterns. Bounded, and long strings, rare in real
 # traffic, are not kept.
 _CACHE_SIZE = 16_384
 _CACHED_LENGTH = 512

@@ -138,11 +138,12 @@ async def prune_ledger(
     is left to delete (or another server is pruning: one at a time is enough)."""
     deleted = 0
     deadline = time.monotonic() + budget
+    cutoff = None  # the horizon, moved on in the first chunk's transaction
     while True:
         async with connection.transaction():
             if not await connection.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PRUNING_LOCK):
                 return deleted, True
-            cutoff = await connection.fetchval(
+            cutoff = cutoff or await connection.fetchval(
                 "UPDATE ledger_horizon SET pruned_before = greatest(pruned_before,"
                 " least(now() - make_interval(secs => $1), to_timestamp($2)))"
                 " RETURNING pruned_before",

@@ -143,9 +143,12 @@ class Supervisor:
             ):
                 self._last[index] = orjson.loads(await answer.read())
 
+    async def _take_snapshots(self) -> None:
+        await asyncio.gather(*(self._snapshot(index) for index in range(len(self._workers))))
+
     async def _gather(self) -> Snapshot:
         """Every worker's metrics, merged, with the counters of those that died."""
-        await asyncio.gather(*(self._snapshot(index) for index in range(len(self._workers))))
+        await self._take_snapshots()
         return merge([*(last for last in self._last if last is not None), self._departed])
 
     def _departs(self, index: int) -> None:
@@ -214,7 +217,7 @@ class Supervisor:
             while not stopping.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stopping.wait(), CHECK_INTERVAL)
-                await self._gather()
+                await self._take_snapshots()
                 for index in range(config.workers):
                     await self._look_after(index, stopping)
             log.info("stopping: passing the signal to %d workers", config.workers)

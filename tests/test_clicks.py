@@ -13,6 +13,7 @@ from yarl import URL
 
 from loadtests.processes import PIXEL_SERVER
 from server import clicks
+from server.protocol import MAX_LINE_SIZE
 from server.query import Dimensions, Rejected
 from tests.harness import PixelServer, metric, scrape, totals_by_key
 
@@ -173,6 +174,9 @@ async def test_the_longest_link_that_can_be_signed_is_honoured(
     else:
         pytest.fail("every destination made a link")
     longest = length - 1
+    # The limit refused was the request line's: the next character would pass it.
+    target = link(server, to=shop(longest)).removeprefix(server.base_url)
+    assert len(f"GET {target} HTTP/1.1") + len(quote("é")) > MAX_LINE_SIZE
     status, headers, _ = await get(link(server, to=shop(longest)))
     assert status == 302 and URL(headers["Location"]) == URL(shop(longest))
     assert server.terminate() == 0, server.log()

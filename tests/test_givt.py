@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -12,6 +11,7 @@ from crawlerdetect.providers.crawlers import data as crawler_patterns
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loadtests.bench_givt import USER_AGENTS
 from server import givt
 from tests.harness import PixelServer, scrape, totals_by_key
 
@@ -32,13 +32,6 @@ BROWSERS = {
     "samsung": "Mozilla/5.0 (Linux; Android 14; SM-S918B) AppleWebKit/537.36 (KHTML, like Gecko)"
     " SamsungBrowser/24.0 Chrome/117.0.0.0 Mobile Safari/537.36",
 }
-USER_AGENTS_FILE = [
-    line
-    for line in (Path(__file__).parent.parent / "loadtests" / "user_agents.tsv")
-    .read_text()
-    .splitlines()
-    if line and not line.startswith("#")
-]
 PREFETCHES = {
     "sec-purpose": {"Sec-Purpose": "prefetch"},
     "sec-purpose-prerender": {"Sec-Purpose": "prefetch;prerender"},
@@ -72,7 +65,7 @@ def test_bots_are_found_as_crawlerdetect_finds_them(matching: str, text: str, br
 @pytest.mark.parametrize(
     "user_agent",
     [
-        *(agent for _, _, agent in (line.partition("\t") for line in USER_AGENTS_FILE)),
+        *(agent for _, agent in USER_AGENTS),
         "Mozilla/5.0 (compatible; YandexBot/3.0)",
         "Mozilla/5.0 YandexSearch/8.10",  # the lookahead: YandexSearch is a browser
         "Yandex/1.0",
