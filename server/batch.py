@@ -60,8 +60,9 @@ class Batch:
     def last_key(self) -> Key:
         return _key_at(self.tuples, self.last_tuple)[0]
 
-    def to_bytes(self, **extra: Any) -> bytes:
-        """The batch as a spool file: one JSON line (``{"batch_id": ..., "rows": ...,
+    def spool_pieces(self, **extra: Any) -> tuple[bytes, ...]:
+        """The batch as a spool file, in pieces written one after another (a big batch is not
+        copied into one buffer first): one JSON line (``{"batch_id": ..., "rows": ...,
         "last_tuple": ...}`` and any ``extra``), then the rows as a complete binary COPY file,
         which psql's ``\\copy`` loads into ``pixel_counts`` or ``pixel_staging`` as it is."""
         head = orjson.dumps(
@@ -72,12 +73,12 @@ class Batch:
                 **extra,
             }
         )
-        return b"".join((head, b"\n", COPY_HEADER, self.tuples, COPY_TRAILER))
+        return (head, b"\n", COPY_HEADER, self.tuples, COPY_TRAILER)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Batch:
-        """Reads :meth:`to_bytes`, or a spool file of an earlier format; a ValueError for
-        anything else, a cut-off file included."""
+        """Reads a spool file (:meth:`spool_pieces`, or those of an earlier format); a
+        ValueError for anything else, a cut-off file included."""
         head, newline, copy = data.partition(b"\n")
         if not newline and data.startswith(b"{"):
             return _from_json_rows(data)

@@ -3,11 +3,13 @@ batches and merges the pending batches into PostgreSQL, over ``--flush-connectio
 connections at once; each new batch is applied as soon as it is sealed, while the rest of the
 window is still being encoded.
 
-Counting never waits for it: the swap is O(1), the counter engine sorts and encodes a window in
-a worker thread without the GIL, and spool files are written and read in a thread. While the
-database is unreachable, batches go to the disk spool and are retried with capped exponential
-backoff and full jitter; a batch PostgreSQL rejects for good is dead-lettered, so it never
-blocks the batches behind it.
+Every sealed batch is also written to the disk spool (fsynced) as it comes, while the database
+applies it, and the file is removed once the batch is applied: a hard kill or a power loss
+loses only the window still being counted. Counting never waits for it: the swap is O(1), the
+counter engine sorts and encodes a window in a worker thread without the GIL, and spool files
+are written and read in a thread. While the database is unreachable, the spooled batches wait
+and are retried with capped exponential backoff and full jitter; a batch PostgreSQL rejects
+for good is dead-lettered, so it never blocks the batches behind it.
 """
 
 from __future__ import annotations
@@ -108,7 +110,6 @@ class Flusher:
         self._stopping = asyncio.Event()
         self._sealing = asyncio.Lock()
         self._spooling = asyncio.Lock()  # one writer of the batches in memory at a time
-        self._progress = 0  # batches taken by the connections, ever
         self._spool_full = False  # logged once per episode
         self.problem = "not connected to the database yet"
         if self._pending:
@@ -128,14 +129,13 @@ class Flusher:
 
         A flush that outlasts the interval (a database that hangs, its connections open, makes
         each statement wait up to storage.COMMAND_TIMEOUT) does not keep the counts in memory
-        meanwhile: at every interval the window is sealed and every batch still in memory is
-        spooled, so a hard kill loses at most one interval's counts."""
+        meanwhile: at every interval the window is sealed and spooled, so a hard kill loses at
+        most one interval's counts."""
         while not self._stopping.is_set():
             flushing = asyncio.ensure_future(self._flush_reporting_errors())
-            progress = self._progress
             try:
                 while not (await asyncio.wait({flushing}, timeout=self._interval))[0]:
-                    progress = await self._spool_ahead(progress)
+                    await self._spool_ahead()
             except asyncio.CancelledError:
                 flushing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -153,21 +153,15 @@ class Flusher:
             # stopped would leave every count from then on in memory only.
             log.exception("the flush failed; the next one tries again")
 
-    async def _spool_ahead(self, progress: int) -> int:
-        """Every interval a flush outlasts: seals the window and spools the new batches, so
+    async def _spool_ahead(self) -> None:
+        """Every interval a flush outlasts: seals the window, which spools its batches, so
         that no more than an interval's counts are only in memory however long the flush
-        takes. If the flush has applied no batch meanwhile (a database that hangs), it
-        spools the batches it is applying too (the ledger applies a batch once, from wherever
-        it comes); a flush that goes on applying them is left to it. Returns the progress
-        seen."""
-        stuck = self._progress == progress
-        sealed: list[Pending] = []
+        takes; and tries the spool again for any batch it could not take before."""
         try:
-            await self._seal(sealed.append)
-            await self._spool_in_memory(capping=False, only=None if stuck else sealed)
+            await self._seal()
+            await self._spool_in_memory(capping=False)
         except Exception:
             log.exception("spooling ahead of a flush under way failed")
-        return self._progress
 
     def stop(self) -> None:
         """Asks :meth:`run` to return after the flush in progress, if any."""
@@ -190,8 +184,9 @@ class Flusher:
             )
 
     async def flush(self) -> None:
-        """Seals the current window and, unless in backoff, applies what is pending meanwhile,
-        each new batch as soon as it is sealed; then spools what the database did not take."""
+        """Seals and spools the current window and, unless in backoff, applies what is pending
+        meanwhile, each new batch as soon as it is sealed; then, if the database failed,
+        tries the spool again for what it could not take at the seal, and caps the rest."""
         await self._spool.refresh()
         if asyncio.get_running_loop().time() >= self._retry_at:
             await self._seal_and_apply(CONNECT_TIMEOUT)
@@ -288,10 +283,23 @@ class Flusher:
 
     async def _seal(self, arrived: Callable[[Pending], object] = lambda item: None) -> None:
         """Seals the current window, and any a failed seal left, into pending batches,
-        passing each to ``arrived`` as well. One seal at a time: a second waits for the
+        passing each to ``arrived`` as well, and writes each to the spool as it comes (the
+        database may be applying it meanwhile), so that a hard kill or a power loss spares
+        it. Returns once they are written. One seal at a time: a second waits for the
         first, which may be sealing the windows it would find."""
         async with self._sealing:
-            await self._seal_windows(arrived)
+            sealed: asyncio.Queue[Pending | None] = asyncio.Queue()
+            writing = asyncio.ensure_future(self._write_ahead(sealed))
+
+            def add(item: Pending) -> None:
+                arrived(item)
+                sealed.put_nowait(item)
+
+            try:
+                await self._seal_windows(add)
+            finally:
+                sealed.put_nowait(None)
+                await writing
 
     async def _seal_windows(self, arrived: Callable[[Pending], object]) -> None:
 
@@ -405,7 +413,7 @@ class Flusher:
         while (item := await arrivals.get()) is not None:
             if await self._apply(connection, item):
                 self._pending.remove(item)
-            self._progress += 1
+                item.batch = None  # not to be spooled any more
 
     async def _apply(self, connection: Any, item: Pending) -> bool:
         """Applies one pending batch, or dead-letters it; raises what is worth a retry.
@@ -492,17 +500,33 @@ class Flusher:
         self._metrics.dead_lettered += 1
         log.error("spool file %s is unreadable (%s); moved to %s", path, describe(error), target)
 
-    async def _spool_in_memory(
-        self, *, capping: bool = True, only: list[Pending] | None = None
-    ) -> None:
-        """Writes the batches held in memory (or those of ``only``) to the spool, while it
-        has room; then, if ``capping``, drops the oldest beyond ``max_in_memory`` (never while
-        a flush may be applying them)."""
+    async def _spool_in_memory(self, *, capping: bool = True) -> None:
+        """Writes the batches held only in memory to the spool, while it has room, and lets
+        go of those on disk (they are read back when applied); then, if ``capping``, drops
+        the oldest beyond ``max_in_memory`` (never while a flush may be applying them)."""
         async with self._spooling:
-            await self._write_in_memory(capping, list(self._pending) if only is None else only)
+            await self._write(list(self._pending))  # a copy: a flush may remove some meanwhile
+            for item in self._pending:
+                if item.path is not None:
+                    item.batch = None
+            if not capping:
+                return
+            in_memory = [item for item in self._pending if item.path is None]
+            if len(in_memory) > self._max_in_memory:
+                oldest = in_memory[: len(in_memory) - self._max_in_memory]
+                for item in oldest:
+                    self._pending.remove(item)
+                self._drop([item.batch for item in oldest if item.batch], "memory cap reached")
 
-    async def _write_in_memory(self, capping: bool, items: list[Pending]) -> None:
-        for item in items:  # a copy: a flush under way may remove some meanwhile
+    async def _write_ahead(self, sealed: asyncio.Queue[Pending | None]) -> None:
+        """Writes each batch of ``sealed`` to the spool as it comes, keeping it in memory for
+        the flush applying it."""
+        while (item := await sealed.get()) is not None:
+            async with self._spooling:
+                await self._write([item])
+
+    async def _write(self, items: list[Pending]) -> None:
+        for item in items:
             if item.path is not None or item.batch is None:
                 continue
             if self._spool.over_budget:
@@ -520,20 +544,11 @@ class Flusher:
             except OSError as error:
                 log.error("cannot write to spool %s: %s", self._spool.directory, error)
                 break
-            item.batch = None
-            if item not in self._pending:  # applied by a flush under way meanwhile
+            if item not in self._pending:  # applied meanwhile
                 try:
                     await asyncio.to_thread(self._spool.remove, item.path)
                 except OSError as error:
                     log.error("cannot remove %s, applied meanwhile: %s", item.path, error)
-        if not capping:
-            return
-        in_memory = [item for item in self._pending if item.path is None]
-        if len(in_memory) > self._max_in_memory:
-            oldest = in_memory[: len(in_memory) - self._max_in_memory]
-            for item in oldest:
-                self._pending.remove(item)
-            self._drop([item.batch for item in oldest if item.batch], "memory cap reached")
 
     def _drop(self, batches: list[Batch], why: str) -> None:
         rows = sum(batch.rows for batch in batches)

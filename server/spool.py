@@ -1,4 +1,5 @@
-"""The disk spool: sealed batches that could not be applied yet, one file each.
+"""The disk spool: every sealed batch, one file each, from its seal until it is applied (at
+once, or when the database is back).
 
 A file is written under a temporary name, fsynced, renamed into place and the folder fsynced,
 so a spooled batch survives a crash or power loss whole or not at all. Files are named by the
@@ -21,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -104,9 +106,9 @@ class Spool:
         """Writes a batch durably and counts it; returns its file. Blocking: call it from a
         thread."""
         path = self.directory / f"{time.time_ns():020d}-{batch.batch_id}{SUFFIX}"
-        data = batch.to_bytes()
-        _write_durably(path, data)
-        self._count(1, len(data))
+        pieces = batch.spool_pieces()
+        _write_durably(path, pieces)
+        self._count(1, sum(map(len, pieces)))
         return path
 
     def _count(self, batches: int, size: int) -> None:
@@ -127,7 +129,7 @@ class Spool:
     def dead_letter(self, batch: Batch, error: str, path: Path | None) -> Path:
         """Keeps a batch PostgreSQL rejected, with the error, out of the way of the others."""
         target = self.dead_letter_directory / f"{time.time_ns():020d}-{batch.batch_id}{SUFFIX}"
-        _write_durably(target, batch.to_bytes(error=error))
+        _write_durably(target, batch.spool_pieces(error=error))
         if path is not None:
             self.remove(path)
         return target
@@ -164,10 +166,10 @@ def _writer_alive(partial: Path) -> bool:
     return True
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def _write_durably(path: Path, pieces: Iterable[bytes]) -> None:
     partial = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}")
     with open(partial, "wb") as file:
-        file.write(data)
+        file.writelines(pieces)
         file.flush()
         os.fsync(file.fileno())
     os.replace(partial, path)

@@ -135,7 +135,8 @@ async def test_replaying_a_sealed_batch_leaves_the_totals_unchanged(database: st
         assert await storage.apply(connection, batch) is True
         first = await totals_by_key(database)
         assert await storage.apply(connection, batch) is False
-        assert await storage.apply(connection, Batch.from_bytes(batch.to_bytes())) is False
+        read_back = Batch.from_bytes(b"".join(batch.spool_pieces()))
+        assert await storage.apply(connection, read_back) is False
         assert (
             await totals_by_key(database)
             == first
@@ -302,9 +303,9 @@ async def test_a_spool_file_from_before_the_binary_format_is_applied_once(
 
 def test_a_spool_file_that_misplaces_its_last_row_is_not_a_batch() -> None:
     batch = batch_of(*((60, f"c{n}", "", "", "", 1, 0, 0, 0, 0, 0) for n in range(3)))
-    assert Batch.from_bytes(batch.to_bytes()) == batch
+    assert Batch.from_bytes(b"".join(batch.spool_pieces())) == batch
     for wrong in (0, batch.last_tuple - 1, len(batch.tuples)):
-        damaged = dataclasses.replace(batch, last_tuple=wrong).to_bytes()
+        damaged = b"".join(dataclasses.replace(batch, last_tuple=wrong).spool_pieces())
         with pytest.raises(ValueError, match="not a spooled batch"):
             Batch.from_bytes(damaged)
 
@@ -781,22 +782,17 @@ async def test_a_hung_database_holds_no_more_than_an_interval_of_counts_in_memor
     assert await impressions(database) == {"before": 3, "hung": 4, "later": 5}
 
 
-async def test_a_slow_flush_that_goes_on_applying_batches_spools_only_new_windows(
+async def test_every_sealed_batch_is_spooled_while_the_database_applies_it(
     database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A flush that takes longer than the interval but applies batch after batch (a big
-    window, a busy database, a backlog after an outage) keeps its batches: writing them to
-    disk as well would only slow it. The counts that arrive meanwhile are sealed and spooled
-    every interval all the same, so no more than an interval's are only in memory."""
-    monkeypatch.setattr(batch_module, "BATCH_ROWS", 5)
-    apply, applying = storage.apply, asyncio.Event()
-
-    async def slow_apply(connection: object, batch: Batch, written: float | None) -> bool:
-        applying.set()
-        await asyncio.sleep(0.02)  # 100 batches over 2 connections: a second, 2 intervals
-        return await apply(connection, batch, written)
-
-    monkeypatch.setattr(storage, "apply", slow_apply)
+    """A SIGKILL or a power loss in the middle of a flush loses only the window still being
+    counted: each batch is written to the spool (fsynced) as it is sealed, while the database
+    applies it, and its file is removed once it is applied. Here a healthy flush leaves no
+    file behind; then the database hangs, its connections open, long before the next
+    interval: the whole window is on disk all the same, and the next start applies it once."""
+    monkeypatch.setattr(batch_module, "BATCH_ROWS", 50)
+    proxy = DatabaseProxy(database)
+    await proxy.open()
     spool = Spool(tmp_path, 1 << 30)
     written: list[Batch] = []
     write = spool.write
@@ -807,21 +803,31 @@ async def test_a_slow_flush_that_goes_on_applying_batches_spools_only_new_window
 
     monkeypatch.setattr(spool, "write", noted_write)
     counters = Counters()
-    flusher = Flusher(counters, database, Metrics(), 0.5, spool, 10, 2)
-    await flusher.flush()  # connected (nothing to apply)
+    flusher = Flusher(counters, proxy.dsn(), Metrics(), 60.0, spool, 10, 2)
     expected = expect_keys(counters, 500)
-    running = asyncio.create_task(flusher.run())
-    await asyncio.wait_for(applying.wait(), 30)
-    counters.add(60, "late", "", "", "", IMPRESSIONS, 7)
-    await wait_for(lambda: any(batch_rows(batch)[0][1] == "late" for batch in written))
-    await wait_for(lambda: not flusher.pending_batches)
-    await flusher.finish(running, 5.0)
-    await flusher.close(5.0)
-    expected[("late", "", "", "")] = (7, 0, 0, 0, 0, 0)
+    await flusher.flush()
+    assert len(written) == 10 and not list(tmp_path.glob("*.batch"))
     assert await totals_by_key(database) == expected
-    # Not the window's 100 batches: each interval saw some applied (a machine stalled for a
-    # whole interval would see one spooled ahead).
-    assert len(written) < 50
+    proxy.hang()
+    again = expect_keys(counters, 500)  # each key counted again
+    for key in again:
+        expected[key] = tuple(2 * count for count in expected[key])
+    running = asyncio.create_task(flusher.run())  # its first flush waits on the database
+    try:
+        spooled = sum(counts[0] for counts in again.values())
+        await wait_for(lambda: sum(spooled_impressions(tmp_path).values()) == spooled)
+        assert not running.done()
+        # A hard kill now: the next start applies the spool on its own.
+        restarted = Flusher(Counters(), database, Metrics(), 1.0, Spool(tmp_path, 1 << 30), 10, 2)
+        await restarted.flush()
+        await restarted.close(5.0)
+        assert await totals_by_key(database) == expected
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await proxy.close()
+    assert await totals_by_key(database) == expected
 
 
 async def test_a_spool_file_that_cannot_be_read_for_now_waits(
