@@ -213,7 +213,7 @@ async def seal(window: Window, add: Callable[[Batch], object], events: list[int]
         loop.call_soon_threadsafe(hand_over)
 
     with concurrent.futures.ThreadPoolExecutor(
-        1, thread_name_prefix="seal", initializer=_yielding
+        1, thread_name_prefix="seal", initializer=yielding
     ) as executor:
         sealing = executor.submit(seal_window, window, sealed)
         try:
@@ -234,7 +234,7 @@ def _add_totals(events: list[int], totals: tuple[int, ...]) -> None:
         events[field] += total
 
 
-def _yielding() -> None:
+def yielding() -> None:
     """Lowers the calling thread's priority to the least (nice 19; Linux sets it per thread),
     so that on a shared core the event loop's thread takes the CPU as soon as it wakes, while
     the sealing still gets its share under any load."""

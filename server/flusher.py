@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -30,7 +31,7 @@ import asyncpg
 
 from _fastcount import Counters, Window
 from server import storage
-from server.batch import Batch, seal
+from server.batch import Batch, seal, yielding
 from server.dsn import redact
 from server.logs import describe
 from server.metrics import Metrics
@@ -110,6 +111,11 @@ class Flusher:
         self._stopping = asyncio.Event()
         self._sealing = asyncio.Lock()
         self._spooling = asyncio.Lock()  # one writer of the batches in memory at a time
+        # Spool files are written by a thread that yields the CPU to the event loop, as the
+        # sealing does: a big batch's copy into the page cache takes milliseconds.
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="spool", initializer=yielding
+        )
         self._spool_full = False  # logged once per episode
         self.problem = "not connected to the database yet"
         if self._pending:
@@ -236,6 +242,7 @@ class Flusher:
                 await connection.close(timeout=CONNECT_TIMEOUT)
             except _RETRYABLE:
                 connection.terminate()
+        self._writer.shutdown(wait=False)
 
     async def _within(self, work: Awaitable[None], seconds: float) -> bool:
         """Awaits ``work`` for up to ``seconds``; False if it took longer. Then the connections
@@ -540,7 +547,9 @@ class Flusher:
                 break
             self._spool_full = False
             try:
-                item.path = await asyncio.to_thread(self._spool.write, item.batch)
+                item.path = await asyncio.get_running_loop().run_in_executor(
+                    self._writer, self._spool.write, item.batch
+                )
             except OSError as error:
                 log.error("cannot write to spool %s: %s", self._spool.directory, error)
                 break
