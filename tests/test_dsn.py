@@ -46,7 +46,12 @@ def test_a_readable_connection_string_is_taken(dsn: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "dsn", ["postgresql://app:Zm9v/YmFy@db:5432/pixels", "postgresql://app:p4ss@[db/pixels"]
+    "dsn",
+    [
+        "postgresql://app:Zm9v/YmFy@db:5432/pixels",
+        "postgresql://app:p4ss@[db/pixels",
+        "postgresql://app:Zm9v@YmFy@db/pixels",
+    ],
 )
 def test_an_unreadable_connection_string_is_refused_without_its_password(dsn: str) -> None:
     with pytest.raises(ValueError, match=r"^--dsn: cannot read the URL postgresql://app:\*\*\*@"):
