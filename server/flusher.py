@@ -116,7 +116,7 @@ class Flusher:
         self._writer = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="spool", initializer=yielding
         )
-        self._spool_full = False  # logged once per episode
+        self._spool_trouble = ""  # why the spool takes no batches, logged once per episode
         self.problem = "not connected to the database yet"
         if self._pending:
             log.info("%d spooled batches found in %s", len(self._pending), spool.directory)
@@ -537,27 +537,30 @@ class Flusher:
             if item.path is not None or item.batch is None:
                 continue
             if self._spool.over_budget:
-                if not self._spool_full:
-                    log.warning(
-                        "spool %s is over its budget of %d bytes; batches wait in memory",
-                        self._spool.directory,
-                        self._spool.max_bytes,
-                    )
-                self._spool_full = True
+                budget = self._spool.max_bytes
+                self._spool_refuses(logging.WARNING, f"is over its budget of {budget} bytes")
                 break
-            self._spool_full = False
             try:
                 item.path = await asyncio.get_running_loop().run_in_executor(
                     self._writer, self._spool.write, item.batch
                 )
             except OSError as error:
-                log.error("cannot write to spool %s: %s", self._spool.directory, error)
+                self._spool_refuses(logging.ERROR, f"cannot be written ({error.strerror or error})")
                 break
+            if self._spool_trouble:
+                log.info("spool %s takes batches again", self._spool.directory)
+                self._spool_trouble = ""
             if item not in self._pending:  # applied meanwhile
                 try:
                     await asyncio.to_thread(self._spool.remove, item.path)
                 except OSError as error:
                     log.error("cannot remove %s, applied meanwhile: %s", item.path, error)
+
+    def _spool_refuses(self, level: int, trouble: str) -> None:
+        """Logs why the spool takes no batches, once for as long as the reason stays."""
+        if trouble != self._spool_trouble:
+            log.log(level, "spool %s %s; batches wait in memory", self._spool.directory, trouble)
+            self._spool_trouble = trouble
 
     def _drop(self, batches: list[Batch], why: str) -> None:
         rows = sum(batch.rows for batch in batches)

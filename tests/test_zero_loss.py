@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import logging
 import struct
 import subprocess
 import threading
@@ -461,6 +462,38 @@ async def test_a_spool_that_cannot_be_listed_keeps_its_figures(
     await spool.refresh()
     assert spool.usage == counted and spool.batches == 1
     assert "cannot list spool" in caplog.text
+
+
+async def test_a_failing_spool_disk_is_logged_once_and_the_counts_still_land(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every batch is spooled as it is sealed: a disk that refuses the writes is an error for
+    the operator, logged once (not at every flush), while the database takes the batches
+    from memory; the log says when the spool takes them again."""
+    caplog.set_level(logging.INFO, "server.flusher")
+    spool = Spool(tmp_path, 1 << 30)
+    write = spool.write
+    failing = True
+
+    def full_disk(batch: Batch) -> Path:
+        if failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(batch)
+
+    monkeypatch.setattr(spool, "write", full_disk)
+    counters = Counters()
+    flusher = Flusher(counters, database, Metrics(), 1.0, spool, 10, 2)
+    for _ in range(3):
+        counters.add(60, "full", "", "", "", IMPRESSIONS, 1)
+        await flusher.flush()
+    failing = False
+    counters.add(60, "full", "", "", "", IMPRESSIONS, 1)
+    await flusher.flush()
+    await flusher.close(5.0)
+    assert await impressions(database) == {"full": 4}
+    assert caplog.text.count("cannot be written (No space left on device)") == 1
+    assert caplog.text.count("takes batches again") == 1
+    assert not list(tmp_path.glob("*.batch"))
 
 
 async def test_memory_cap_drops_are_counted_and_logged(
