@@ -87,6 +87,7 @@ class Metrics:
         self.events = [0] * len(EVENT_LABELS)
         self.rejected: Counter[str] = Counter()
         self.givt: Counter[str] = Counter()
+        self.http_errors: Counter[str] = Counter()  # by status
         self.flushes = 0
         self.flush_failures = 0
         self.flushed_rows = 0
@@ -150,6 +151,13 @@ class Metrics:
             "Requests counted as general invalid traffic, by reason",
             "reason",
             self.givt,
+        )
+        by_label(
+            "pixel_http_errors_total",
+            "Requests the HTTP layer answered with an error of its own, by status: a request"
+            " its parser refuses (400), a fault of the server (500)",
+            "status",
+            self.http_errors,
         )
         counter("pixel_flushes_total", "Flush batches applied to PostgreSQL", self.flushes)
         counter(

@@ -38,6 +38,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_request import BaseRequest
 
 from _fastcount import GIVT_IMPRESSIONS, IMPRESSIONS, GetScanner
 from server import givt
@@ -75,8 +76,30 @@ class PixelAnswer:
         return self._head_only if head_only else self._get
 
 
-class PixelRequestHandler(RequestHandler):
-    __slots__ = ("_answer", "_app", "_at_boundary", "_scanner")
+class ErrorCountingRequestHandler(RequestHandler):
+    """aiohttp's request handler, counting the errors it answers itself: a request its parser
+    refuses (400, or 413 and the like), a fault of the server (500). No handler sees those, so
+    without this they would show in no metric."""
+
+    __slots__ = ("_app",)
+
+    def __init__(self, manager: web.Server, *, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._app = app
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        self._app[METRICS].http_errors[str(status)] += 1
+        return super().handle_error(request, status, exc, message)
+
+
+class PixelRequestHandler(ErrorCountingRequestHandler):
+    __slots__ = ("_answer", "_at_boundary", "_scanner")
 
     def __init__(
         self,
@@ -87,8 +110,7 @@ class PixelRequestHandler(RequestHandler):
         scanner: GetScanner,
         **kwargs: Any,
     ) -> None:
-        super().__init__(manager, **kwargs)
-        self._app = app
+        super().__init__(manager, app=app, **kwargs)
         self._answer = answer
         self._scanner = scanner
         # True while the parser holds no part of a request, so the next byte to arrive starts
@@ -193,7 +215,7 @@ async def listen(
 
     def handler() -> RequestHandler:
         if handler_args.get("access_log") is not None:
-            return server()
+            return ErrorCountingRequestHandler(server, app=runner.app, loop=loop, **handler_args)
         return PixelRequestHandler(
             server, app=runner.app, answer=answer, scanner=scanner, loop=loop, **handler_args
         )

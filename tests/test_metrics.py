@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.loop_lag import LoopLag
 from server.metrics import Histogram, Metrics, merge, render, value
 from tests.harness import DatabaseProxy, PixelServer, scrape
+from tests.raw_http import exchange, status_codes
 
 BROWSER = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0 Safari/537.36"}
 BOT = {"User-Agent": "Googlebot/2.1 (+http://www.google.com/bot.html)"}
@@ -113,6 +114,32 @@ async def test_a_server_reports_requests_events_and_flushes(
     for line in text.splitlines():
         if line.startswith("# TYPE ") and line.endswith(" counter"):
             assert line.split()[2].endswith("_total"), line
+    assert server.terminate() == 0
+
+
+@pytest.mark.parametrize("flags", [(), ("--access-log",)])
+async def test_requests_the_http_parser_refuses_are_counted(
+    pixel_server: Callable[..., PixelServer], database: str, flags: tuple[str, ...]
+) -> None:
+    """No handler sees a request aiohttp's parser refuses: the server counts the 400s it
+    answers by itself, on the pixel's fast path and on aiohttp's own (as with an access
+    log)."""
+    server = pixel_server(f"--dsn={database}", *flags)
+    broken = [
+        b"GET /i.gif HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"GET /i.gif?cid=\xff\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"FOO BAR\r\n\r\n",
+    ]
+    for request in broken:
+        answer = await asyncio.to_thread(exchange, server.port, request, 2.0)
+        assert status_codes(answer) == [400]
+    # After a pixel answered on the same connection.
+    pixel = b"GET /i.gif?cid=ok HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = await asyncio.to_thread(exchange, server.port, [pixel, broken[0]], 2.0)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"GIF89a" in answer
+    assert answer.count(b"HTTP/1.") == 2 and b"\r\n\r\nInvalid header token" in answer
+    found = parsed(await scrape(server))
+    assert found["pixel_http_errors_total"] == {(("status", "400"),): 4}
     assert server.terminate() == 0
 
 
