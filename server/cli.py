@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import uvloop
@@ -155,11 +156,17 @@ def serve(config: Config) -> int:
     dsn = config.dsn
     if not dsn:
         embedded = EmbeddedPostgres(config.data_dir)
-        try:
-            embedded.start()
-        except RuntimeError as error:
-            log.error("cannot start the embedded PostgreSQL in %s: %s", embedded.pgdata, error)
-            return 1
+        with _signals_noted() as received:
+            try:
+                embedded.start()
+            except RuntimeError as error:
+                log.error("cannot start the embedded PostgreSQL in %s: %s", embedded.pgdata, error)
+                return 1
+        if received:
+            log.info("stopping: signalled while the embedded PostgreSQL started")
+            if embedded.stop():
+                log.info("embedded PostgreSQL stopped")
+            return 0
         dsn = embedded.dsn
         if not embedded.started:
             log.warning(
@@ -182,6 +189,23 @@ def serve(config: Config) -> int:
     finally:
         if embedded is not None and embedded.stop():
             log.info("embedded PostgreSQL stopped")
+
+
+@contextlib.contextmanager
+def _signals_noted() -> Iterator[list[int]]:
+    """SIGTERM and SIGINT noted, not acted on, for the duration: a start of the embedded
+    PostgreSQL (initdb, then pg_ctl, seconds on a first run) is not cut short, which would
+    leave its server running with no one to stop it; it is stopped after."""
+    received: list[int] = []
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = [
+        signal.signal(signum, lambda signum, _: received.append(signum)) for signum in signals
+    ]
+    try:
+        yield received
+    finally:
+        for signum, handler in zip(signals, previous, strict=True):
+            signal.signal(signum, handler)
 
 
 async def _serve(config: Config, dsn: str) -> int:

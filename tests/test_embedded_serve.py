@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import tempfile
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from loadtests.processes import PIXEL_SERVER
 from server.embedded import EmbeddedPostgres
 from tests.harness import PixelServer, fetch
 
@@ -56,7 +63,36 @@ async def test_a_second_server_on_the_same_data_folder_leaves_the_database_runni
     assert not (data_dir / "postgres" / "postmaster.pid").exists(), "PostgreSQL left running"
 
 
-def test_a_long_data_folder_gets_a_socket_folder_for_as_long_as_it_runs(tmp_path: Path) -> None:
+def test_sigterm_while_the_embedded_database_starts_stops_it(tmp_path: Path) -> None:
+    """A first start makes the cluster (initdb) and starts it, which takes seconds: SIGTERM
+    meanwhile lets the start finish, then stops the database and exits 0, rather than
+    killing the server and leaving PostgreSQL running with no one to stop it."""
+    data_dir = tmp_path / "pixel-data"
+    with (tmp_path / "server.log").open("wb") as log:
+        server = subprocess.Popen(
+            [PIXEL_SERVER, "serve", f"--data-dir={data_dir}", "--port=0", "--admin-port=0"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PIXEL_DSN": ""},
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not (data_dir / "postgres").exists():  # the start has begun
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.01)
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(60) == 0, (tmp_path / "server.log").read_text()
+        finally:
+            server.kill()
+    text = (tmp_path / "server.log").read_text()
+    assert "signalled while the embedded PostgreSQL started" in text, text
+    assert "embedded PostgreSQL stopped" in text
+    assert not (data_dir / "postgres" / "postmaster.pid").exists(), "PostgreSQL left running"
+
+
+def test_a_long_data_folder_gets_a_socket_folder_for_as_long_as_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A socket's path has at most 107 bytes: a deeper data folder's server listens in a
     temporary folder, which goes when it stops; a second user of the running server takes
     the same folder and makes none."""
@@ -65,13 +101,13 @@ def test_a_long_data_folder_gets_a_socket_folder_for_as_long_as_it_runs(tmp_path
     try:
         socket_dir = postgres.socket_dir
         assert socket_dir.name.startswith("pixel-pg-") and socket_dir.exists()
-        before = set(socket_dir.parent.glob("pixel-pg-*"))
         user = EmbeddedPostgres(tmp_path / ("d" * 100))
-        user.start()
+        with monkeypatch.context() as patch:
+            patch.setattr(tempfile, "mkdtemp", lambda **_: pytest.fail("a second socket folder"))
+            user.start()
         assert user.socket_dir == socket_dir and not user.started
         user.stop()
-        assert postgres.running()
-        assert set(socket_dir.parent.glob("pixel-pg-*")) == before
+        assert postgres.running() and socket_dir.exists()
     finally:
         postgres.stop()
     assert not postgres.running() and not socket_dir.exists()
