@@ -116,6 +116,7 @@ class Flusher:
         self._writer = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="spool", initializer=yielding
         )
+        self._unreadable: set[Path] = set()  # spool files whose read failed, logged once
         self._spool_trouble = ""  # why the spool takes no batches, logged once per episode
         self.problem = "not connected to the database yet"
         if self._pending:
@@ -439,9 +440,17 @@ class Flusher:
                 if error.errno in _NOT_A_FILE:  # and never will be
                     await self._quarantine(item.path, error)
                     return True
-                # Out of file descriptors, say: the spool's trouble, and maybe passing.
-                log.error("cannot read spool file %s: %s; it waits", item.path, describe(error))
+                # Out of file descriptors, say: the spool's trouble, and maybe passing. It is
+                # tried at every flush, and said once.
+                if item.path not in self._unreadable:
+                    self._unreadable.add(item.path)
+                    log.error(
+                        "cannot read spool file %s: %s; it waits, tried again at every flush",
+                        item.path,
+                        describe(error),
+                    )
                 return False
+            self._unreadable.discard(item.path)
         path = item.path
         spooled = None if path is None else _spooled_at(path)
         started = time.perf_counter()

@@ -864,14 +864,17 @@ async def test_every_sealed_batch_is_spooled_while_the_database_applies_it(
 
 
 async def test_a_spool_file_that_cannot_be_read_for_now_waits(
-    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Out of file descriptors, say: the file stays for the next flush, not dead-lettered,
-    and the database is not blamed."""
+    and the database is not blamed; the error is logged once, not at every flush."""
     spool = Spool(tmp_path, 1 << 20)
     spool.write(batch_of((60, "later", "", "", "", 6, 0, 0, 0, 0, 0)))
     read = spool.read
-    failures = [OSError(errno.EMFILE, "Too many open files")]
+    failures = [OSError(errno.EMFILE, "Too many open files")] * 3
 
     def read_failing_once(path: Path) -> Batch:
         if failures:
@@ -884,6 +887,9 @@ async def test_a_spool_file_that_cannot_be_read_for_now_waits(
     await flusher.flush()
     assert flusher.ready and flusher.pending_batches == 1 and metrics.dead_lettered == 0
     assert await impressions(database) == {}
+    await flusher.flush()
+    await flusher.flush()
+    assert flusher.pending_batches == 1 and caplog.text.count("cannot read spool file") == 1
     await flusher.flush()
     assert flusher.pending_batches == 0 and await impressions(database) == {"later": 6}
     await flusher.close(5.0)
