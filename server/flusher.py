@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import random
 import time
@@ -47,6 +48,11 @@ PRUNING_INTERVAL = 3600.0
 PRUNING_BUDGET = 1.0  # seconds a flush may spend pruning
 # A batch may have been applied (its commit's answer lost) this long before it was spooled.
 SPOOLING_MARGIN = 3600.0
+# Spool files are written by one thread that yields the CPU to the event loop, as the sealing
+# does: copying a big batch into the page cache takes milliseconds.
+_SPOOL_WRITER = concurrent.futures.ThreadPoolExecutor(
+    1, thread_name_prefix="spool", initializer=yielding
+)
 # Errors of a spool entry that is no file to read, and never will be.
 _NOT_A_FILE = {errno.EISDIR, errno.ELOOP}
 
@@ -66,6 +72,7 @@ class Pending:
 
     batch: Batch | None
     path: Path | None = None
+    settled: bool = False  # applied, or set aside: its file, once written, is not needed
 
 
 def is_permanent(error: BaseException) -> bool:
@@ -111,11 +118,10 @@ class Flusher:
         self._stopping = asyncio.Event()
         self._sealing = asyncio.Lock()
         self._spooling = asyncio.Lock()  # one writer of the batches in memory at a time
-        # Spool files are written by a thread that yields the CPU to the event loop, as the
-        # sealing does: a big batch's copy into the page cache takes milliseconds.
-        self._writer = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="spool", initializer=yielding
-        )
+        # Each sealed batch, for the spool; written by a task of its own, so that a slow disk
+        # holds up no seal and no flush.
+        self._to_spool: asyncio.Queue[Pending | None] = asyncio.Queue()
+        self._writing_ahead: asyncio.Task[None] | None = None
         self._unreadable: set[Path] = set()  # spool files whose read failed, logged once
         self._spool_trouble = ""  # why the spool takes no batches, logged once per episode
         self.problem = "not connected to the database yet"
@@ -163,10 +169,9 @@ class Flusher:
     async def _spool_ahead(self) -> None:
         """Every interval a flush outlasts: seals the window, which spools its batches, so
         that no more than an interval's counts are only in memory however long the flush
-        takes; and tries the spool again for any batch it could not take before."""
+        takes."""
         try:
             await self._seal()
-            await self._spool_in_memory(capping=False)
         except Exception:
             log.exception("spooling ahead of a flush under way failed")
 
@@ -225,12 +230,13 @@ class Flusher:
             if self._failures == failures:
                 self._failed(TimeoutError("no answer within half the shutdown timeout"))
         await self._spool.refresh()
-        await self._spool_in_memory()
+        if any(item.path is None for item in self._pending):
+            await self._spool_in_memory()
         lost = [item for item in self._pending if item.path is None]
         if lost:
             for item in lost:
                 self._pending.remove(item)
-            self._drop([item.batch for item in lost if item.batch], "at shutdown")
+            self._drop(lost, "at shutdown")
         if self._pending:
             log.warning(
                 "shutdown: %d batches wait in the spool %s for the next start",
@@ -243,7 +249,12 @@ class Flusher:
                 await connection.close(timeout=CONNECT_TIMEOUT)
             except _RETRYABLE:
                 connection.terminate()
-        self._writer.shutdown(wait=False)
+        if self._writing_ahead is not None:
+            # What it has left is applied, spooled or dropped by now: it ends at once, but for
+            # a write under way, which is given a connect timeout.
+            self._to_spool.put_nowait(None)
+            if not (await asyncio.wait({self._writing_ahead}, timeout=CONNECT_TIMEOUT))[0]:
+                self._writing_ahead.cancel()
 
     async def _within(self, work: Awaitable[None], seconds: float) -> bool:
         """Awaits ``work`` for up to ``seconds``; False if it took longer. Then the connections
@@ -291,23 +302,19 @@ class Flusher:
 
     async def _seal(self, arrived: Callable[[Pending], object] = lambda item: None) -> None:
         """Seals the current window, and any a failed seal left, into pending batches,
-        passing each to ``arrived`` as well, and writes each to the spool as it comes (the
-        database may be applying it meanwhile), so that a hard kill or a power loss spares
-        it. Returns once they are written. One seal at a time: a second waits for the
-        first, which may be sealing the windows it would find."""
+        passing each to ``arrived`` as well, and to the spool's writer, which writes it to
+        disk while the database may be applying it, so that a hard kill or a power loss
+        spares it. One seal at a time: a second waits for the first, which may be sealing
+        the windows it would find."""
+        if self._writing_ahead is None or self._writing_ahead.done():
+            self._writing_ahead = asyncio.ensure_future(self._write_ahead())
+
+        def add(item: Pending) -> None:
+            arrived(item)
+            self._to_spool.put_nowait(item)
+
         async with self._sealing:
-            sealed: asyncio.Queue[Pending | None] = asyncio.Queue()
-            writing = asyncio.ensure_future(self._write_ahead(sealed))
-
-            def add(item: Pending) -> None:
-                arrived(item)
-                sealed.put_nowait(item)
-
-            try:
-                await self._seal_windows(add)
-            finally:
-                sealed.put_nowait(None)
-                await writing
+            await self._seal_windows(add)
 
     async def _seal_windows(self, arrived: Callable[[Pending], object]) -> None:
 
@@ -421,12 +428,12 @@ class Flusher:
         while (item := await arrivals.get()) is not None:
             if await self._apply(connection, item):
                 self._pending.remove(item)
-                item.batch = None  # not to be spooled any more
+                item.batch = None
 
     async def _apply(self, connection: Any, item: Pending) -> bool:
         """Applies one pending batch, or dead-letters it; raises what is worth a retry.
         False if the batch stays pending: its spool file could not be read this time."""
-        batch = item.batch
+        batch, spooled = item.batch, None
         if batch is None:
             assert item.path is not None
             try:
@@ -451,8 +458,8 @@ class Flusher:
                     )
                 return False
             self._unreadable.discard(item.path)
-        path = item.path
-        spooled = None if path is None else _spooled_at(path)
+            # Read back: maybe spooled long ago, before the ledger's pruned rows.
+            spooled = _spooled_at(item.path)
         started = time.perf_counter()
         try:
             applied = await storage.apply(
@@ -465,23 +472,25 @@ class Flusher:
                 " pruned rows (--ledger-days): it may have been applied; move it back into the"
                 " spool to apply it all the same"
             )
-            await self._dead_letter(batch, why, path)
+            await self._dead_letter(batch, why, _settle(item))
             return True
         except (asyncpg.PostgresError, ValueError) as error:
             if not is_permanent(error):
                 raise
-            await self._dead_letter(batch, f"PostgreSQL rejected it: {describe(error)}", item.path)
+            why = f"PostgreSQL rejected it: {describe(error)}"
+            await self._dead_letter(batch, why, _settle(item))
             return True
         seconds = time.perf_counter() - started
-        if item.path is not None:
+        path = _settle(item)
+        if path is not None:
             try:
-                await asyncio.to_thread(self._spool.remove, item.path)
+                await asyncio.to_thread(self._spool.remove, path)
             except OSError as error:
                 log.error(
                     "batch %s is applied, but its spool file %s cannot be removed: %s; the"
                     " ledger skips it at the next start",
                     batch.batch_id,
-                    item.path,
+                    path,
                     error,
                 )
         if applied:
@@ -516,54 +525,76 @@ class Flusher:
         self._metrics.dead_lettered += 1
         log.error("spool file %s is unreadable (%s); moved to %s", path, describe(error), target)
 
-    async def _spool_in_memory(self, *, capping: bool = True) -> None:
+    async def _spool_in_memory(self) -> None:
         """Writes the batches held only in memory to the spool, while it has room, and lets
-        go of those on disk (they are read back when applied); then, if ``capping``, drops
-        the oldest beyond ``max_in_memory`` (never while a flush may be applying them)."""
+        go of those on disk (they are read back when applied); then drops the oldest beyond
+        ``max_in_memory`` (never while a flush may be applying them)."""
         async with self._spooling:
             await self._write(list(self._pending))  # a copy: a flush may remove some meanwhile
             for item in self._pending:
                 if item.path is not None:
                     item.batch = None
-            if not capping:
-                return
             in_memory = [item for item in self._pending if item.path is None]
             if len(in_memory) > self._max_in_memory:
                 oldest = in_memory[: len(in_memory) - self._max_in_memory]
                 for item in oldest:
                     self._pending.remove(item)
-                self._drop([item.batch for item in oldest if item.batch], "memory cap reached")
+                self._drop(oldest, "memory cap reached")
 
-    async def _write_ahead(self, sealed: asyncio.Queue[Pending | None]) -> None:
-        """Writes each batch of ``sealed`` to the spool as it comes, keeping it in memory for
-        the flush applying it."""
-        while (item := await sealed.get()) is not None:
-            async with self._spooling:
-                await self._write([item])
+    async def _write_ahead(self) -> None:
+        """Writes each sealed batch to the spool as it comes, keeping it in memory for the
+        flush applying it, until told that none follows."""
+        while (item := await self._to_spool.get()) is not None:
+            try:
+                async with self._spooling:
+                    await self._write([item])
+            except Exception:
+                log.exception("writing a batch to the spool failed; it stays in memory")
 
     async def _write(self, items: list[Pending]) -> None:
         for item in items:
-            if item.path is not None or item.batch is None:
+            if item.path is not None or item.batch is None or item.settled:
                 continue
             if self._spool.over_budget:
                 budget = self._spool.max_bytes
                 self._spool_refuses(logging.WARNING, f"is over its budget of {budget} bytes")
                 break
+            writing = asyncio.get_running_loop().run_in_executor(
+                _SPOOL_WRITER, self._spool.write, item.batch
+            )
             try:
-                item.path = await asyncio.get_running_loop().run_in_executor(
-                    self._writer, self._spool.write, item.batch
-                )
+                # Shielded: a cancel cannot stop the thread, and the file must be known.
+                item.path = await asyncio.shield(writing)
             except OSError as error:
                 self._spool_refuses(logging.ERROR, f"cannot be written ({error.strerror or error})")
                 break
+            except asyncio.CancelledError:
+                writing.add_done_callback(functools.partial(self._written_late, item))
+                raise
             if self._spool_trouble:
                 log.info("spool %s takes batches again", self._spool.directory)
                 self._spool_trouble = ""
-            if item not in self._pending:  # applied meanwhile
-                try:
-                    await asyncio.to_thread(self._spool.remove, item.path)
-                except OSError as error:
-                    log.error("cannot remove %s, applied meanwhile: %s", item.path, error)
+            if item.settled:  # applied, or set aside, meanwhile
+                await self._remove_written(item.path)
+
+    def _written_late(self, item: Pending, writing: asyncio.Future[Path]) -> None:
+        """Records the file of a write whose writer was cancelled, and removes it (on the
+        event loop: one unlink, and rare) if its batch is settled meanwhile, so that no file
+        of a settled batch is left behind."""
+        if writing.cancelled() or writing.exception() is not None:
+            return
+        item.path = writing.result()
+        if item.settled:
+            self._remove_settled(item.path)
+
+    async def _remove_written(self, path: Path) -> None:
+        await asyncio.to_thread(self._remove_settled, path)
+
+    def _remove_settled(self, path: Path) -> None:
+        try:
+            self._spool.remove(path)
+        except OSError as error:
+            log.error("cannot remove %s, whose batch is applied or set aside: %s", path, error)
 
     def _spool_refuses(self, level: int, trouble: str) -> None:
         """Logs why the spool takes no batches, once for as long as the reason stays."""
@@ -571,7 +602,12 @@ class Flusher:
             log.log(level, "spool %s %s; batches wait in memory", self._spool.directory, trouble)
             self._spool_trouble = trouble
 
-    def _drop(self, batches: list[Batch], why: str) -> None:
+    def _drop(self, items: list[Pending], why: str) -> None:
+        """Counts and logs batches no longer pending, that were held in memory only; their
+        writes ahead, if still queued, are not made."""
+        batches = [item.batch for item in items if item.batch is not None]
+        for item in items:
+            item.settled = True
         rows = sum(batch.rows for batch in batches)
         self._metrics.dropped += rows
         log.error(
@@ -616,6 +652,13 @@ class Flusher:
         # the operator; the retries are quieter.
         first = log.error if migration else log.warning
         (first if self._failures == 1 else log.info)(message, *args)
+
+
+def _settle(item: Pending) -> Path | None:
+    """Marks a batch applied, or set aside; returns its spool file, for the caller to remove.
+    A file still being written is removed by its writer, which sees the mark."""
+    item.settled = True
+    return item.path
 
 
 def _spooled_at(path: Path) -> float:

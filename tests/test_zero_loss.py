@@ -27,6 +27,7 @@ import pytest
 from _fastcount import COLUMNS, IMPRESSIONS, Counters, Window
 from loadtests import outage
 from server import batch as batch_module
+from server import flusher as flusher_module
 from server import storage
 from server.batch import COPY_HEADER, COPY_TRAILER, POSTGRES_EPOCH, Batch, seal, seal_window
 from server.embedded import EmbeddedPostgres
@@ -861,6 +862,50 @@ async def test_every_sealed_batch_is_spooled_while_the_database_applies_it(
             await running
         await proxy.close()
     assert await totals_by_key(database) == expected
+
+
+@pytest.mark.parametrize("answers", ["before the shutdown", "after it"])
+async def test_a_hung_spool_disk_holds_up_no_flush_and_leaves_no_file_behind(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answers: str
+) -> None:
+    """A disk that does not answer (a hung network mount, say) holds up only the spool's
+    writer: the flushes go on, one batch dead-lettered and one applied while their writes
+    wait; a shutdown gives up on the write under way after a connect timeout. The files
+    written once the disk answers, of batches settled meanwhile, are removed."""
+    monkeypatch.setattr(flusher_module, "CONNECT_TIMEOUT", 0.2)
+    spool = Spool(tmp_path, 1 << 30)
+    write, disk = spool.write, threading.Event()
+    written: list[Path] = []
+
+    def hung_write(batch: Batch) -> Path:
+        disk.wait(30)
+        written.append(write(batch))
+        return written[-1]
+
+    monkeypatch.setattr(spool, "write", hung_write)
+    counters = Counters()
+    flusher = Flusher(counters, database, Metrics(), 1.0, spool, 10, 2)
+    try:
+        await flusher.flush()  # connected
+        await fetch(
+            database,
+            "ALTER TABLE pixel_counts ADD CONSTRAINT no_poison CHECK (campaign <> 'poison')",
+        )
+        counters.add(60, "poison", "", "", "", IMPRESSIONS, 3)
+        await asyncio.wait_for(flusher.flush(), 10)  # dead-lettered, its write hung
+        counters.add(60, "healthy", "", "", "", IMPRESSIONS, 4)
+        await asyncio.wait_for(flusher.flush(), 10)  # applied, its write queued
+        if answers == "before the shutdown":
+            disk.set()
+            await wait_for(lambda: written and not [*tmp_path.glob("*.batch")])
+        await asyncio.wait_for(flusher.close(5.0), 10)
+    finally:
+        disk.set()
+    assert await impressions(database) == {"healthy": 4}
+    assert len(list((tmp_path / "dead-letter").glob("*.batch"))) == 1
+    # The poison batch's write ends late, and its file goes; the healthy one's is not made.
+    await wait_for(lambda: written and not [*tmp_path.glob("*.batch")])
+    assert len(written) == 1 and not list(tmp_path.glob("*.partial"))
 
 
 async def test_a_spool_file_that_cannot_be_read_for_now_waits(
