@@ -73,6 +73,7 @@ class Pending:
     batch: Batch | None
     path: Path | None = None
     settled: bool = False  # applied, or set aside: its file, once written, is not needed
+    writing: bool = False  # its file is being written
 
 
 def is_permanent(error: BaseException) -> bool:
@@ -169,7 +170,11 @@ class Flusher:
     async def _spool_ahead(self) -> None:
         """Every interval a flush outlasts: seals the window, which spools its batches, so
         that no more than an interval's counts are only in memory however long the flush
-        takes."""
+        takes. Not while a write to the spool is under way (a disk that hangs, say): the
+        window, capped by ``--max-keys``, holds the counts meanwhile, where sealed batches
+        would only pile up in memory."""
+        if self._spooling.locked():
+            return
         try:
             await self._seal()
         except Exception:
@@ -472,13 +477,12 @@ class Flusher:
                 " pruned rows (--ledger-days): it may have been applied; move it back into the"
                 " spool to apply it all the same"
             )
-            await self._dead_letter(batch, why, _settle(item))
+            await self._dead_letter(item, batch, why)
             return True
         except (asyncpg.PostgresError, ValueError) as error:
             if not is_permanent(error):
                 raise
-            why = f"PostgreSQL rejected it: {describe(error)}"
-            await self._dead_letter(batch, why, _settle(item))
+            await self._dead_letter(item, batch, f"PostgreSQL rejected it: {describe(error)}")
             return True
         seconds = time.perf_counter() - started
         path = _settle(item)
@@ -499,8 +503,13 @@ class Flusher:
             log.warning("batch %s was already applied; skipped", batch.batch_id)
         return True
 
-    async def _dead_letter(self, batch: Batch, why: str, path: Path | None) -> None:
-        target = await asyncio.to_thread(self._spool.dead_letter, batch, why, path)
+    async def _dead_letter(self, item: Pending, batch: Batch, why: str) -> None:
+        """Sets a batch aside, with why, and then removes its spool file, which may have been
+        written meanwhile (or, once it is, its writer does)."""
+        target = await asyncio.to_thread(self._spool.dead_letter, batch, why, item.path)
+        path = _settle(item)
+        if path is not None:
+            await self._remove_written(path)  # if the dead letter did not take it already
         self._metrics.dead_lettered += 1
         log.error(
             "batch %s (%d rows) dead-lettered to %s: %s", batch.batch_id, batch.rows, target, why
@@ -553,19 +562,22 @@ class Flusher:
 
     async def _write(self, items: list[Pending]) -> None:
         for item in items:
-            if item.path is not None or item.batch is None or item.settled:
+            if item.path is not None or item.batch is None or item.settled or item.writing:
                 continue
             if self._spool.over_budget:
                 budget = self._spool.max_bytes
                 self._spool_refuses(logging.WARNING, f"is over its budget of {budget} bytes")
                 break
+            item.writing = True
             writing = asyncio.get_running_loop().run_in_executor(
                 _SPOOL_WRITER, self._spool.write, item.batch
             )
             try:
                 # Shielded: a cancel cannot stop the thread, and the file must be known.
                 item.path = await asyncio.shield(writing)
+                item.writing = False
             except OSError as error:
+                item.writing = False
                 self._spool_refuses(logging.ERROR, f"cannot be written ({error.strerror or error})")
                 break
             except asyncio.CancelledError:
@@ -581,6 +593,7 @@ class Flusher:
         """Records the file of a write whose writer was cancelled, and removes it (on the
         event loop: one unlink, and rare) if its batch is settled meanwhile, so that no file
         of a settled batch is left behind."""
+        item.writing = False
         if writing.cancelled() or writing.exception() is not None:
             return
         item.path = writing.result()

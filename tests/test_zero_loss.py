@@ -908,6 +908,55 @@ async def test_a_hung_spool_disk_holds_up_no_flush_and_leaves_no_file_behind(
     assert len(written) == 1 and not list(tmp_path.glob("*.partial"))
 
 
+async def test_a_dead_letter_that_cannot_be_written_leaves_the_batch_pending(
+    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL rejects a batch while its spool file is still being written, and the dead
+    letter cannot be written (out of file descriptors): the batch stays pending, its file is
+    kept once written, and the next try sets it aside. It is never lost in between."""
+    spool = Spool(tmp_path, 1 << 30)
+    write, disk = spool.write, threading.Event()
+
+    def slow_write(batch: Batch) -> Path:
+        disk.wait(30)
+        return write(batch)
+
+    dead_letter, failures = spool.dead_letter, [OSError(errno.EMFILE, "Too many open files")]
+
+    def dead_letter_failing_once(batch: Batch, error: str, path: Path | None) -> Path:
+        if failures:
+            threading.Timer(0.2, disk.set).start()  # the file is written just after
+            raise failures.pop()
+        return dead_letter(batch, error, path)
+
+    monkeypatch.setattr(spool, "write", slow_write)
+    monkeypatch.setattr(spool, "dead_letter", dead_letter_failing_once)
+    metrics, counters = Metrics(), Counters()
+    flusher = Flusher(counters, database, metrics, 1.0, spool, 10, 2)
+    try:
+        await flusher.flush()  # connected
+        await fetch(
+            database,
+            "ALTER TABLE pixel_counts ADD CONSTRAINT no_poison CHECK (campaign <> 'poison')",
+        )
+        counters.add(60, "poison", "", "", "", IMPRESSIONS, 3)
+        await flusher.flush()  # rejected, the dead letter failed: the batch waits
+        assert flusher.pending_batches == 1 and not failures and not metrics.dead_lettered
+    finally:
+        disk.set()
+    assert list(tmp_path.glob("*.batch"))  # its file, written meanwhile, is kept
+    deadline = time.monotonic() + 30
+    while not metrics.dead_lettered:  # the next try, after the backoff
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+        await flusher.flush()
+    await flusher.close(5.0)
+    assert flusher.pending_batches == 0 and not list(tmp_path.glob("*.batch"))
+    (letter,) = (tmp_path / "dead-letter").glob("*.batch")
+    rows = batch_rows(Batch.from_bytes(letter.read_bytes()))
+    assert [row[1:6] for row in rows] == [("poison", "", "", "", 3)]
+
+
 async def test_a_spool_file_that_cannot_be_read_for_now_waits(
     database: str,
     tmp_path: Path,
