@@ -67,6 +67,13 @@ def spooled_impressions(spool: Path) -> collections.Counter[str]:
     return totals
 
 
+async def refuse_poison(dsn: str) -> None:
+    """Makes PostgreSQL reject, for good, any batch with the campaign 'poison'."""
+    await fetch(
+        dsn, "ALTER TABLE pixel_counts ADD CONSTRAINT no_poison CHECK (campaign <> 'poison')"
+    )
+
+
 async def impressions(dsn: str) -> dict[str, int]:
     return {key[0]: counts[0] for key, counts in (await totals_by_key(dsn)).items()}
 
@@ -221,10 +228,7 @@ async def test_poison_batch_is_dead_lettered_and_later_batches_land(
     spool = tmp_path / "spool"
     server = pixel_server(f"--dsn={database}", "--flush-interval=0.2", f"--spool-dir={spool}")
     await wait_for(lambda: "connected to" in server.log())
-    await fetch(
-        database,
-        "ALTER TABLE pixel_counts ADD CONSTRAINT no_poison CHECK (campaign <> 'poison')",
-    )
+    await refuse_poison(database)
     await send(server, "cid=poison", 3)
     await wait_for(lambda: list((spool / "dead-letter").glob("*.batch")))
     await send(server, "cid=healthy", 4)
@@ -887,10 +891,7 @@ async def test_a_hung_spool_disk_holds_up_no_flush_and_leaves_no_file_behind(
     flusher = Flusher(counters, database, Metrics(), 1.0, spool, 10, 2)
     try:
         await flusher.flush()  # connected
-        await fetch(
-            database,
-            "ALTER TABLE pixel_counts ADD CONSTRAINT no_poison CHECK (campaign <> 'poison')",
-        )
+        await refuse_poison(database)
         counters.add(60, "poison", "", "", "", IMPRESSIONS, 3)
         await asyncio.wait_for(flusher.flush(), 10)  # dead-lettered, its write hung
         counters.add(60, "healthy", "", "", "", IMPRESSIONS, 4)
@@ -935,10 +936,7 @@ async def test_a_dead_letter_that_cannot_be_written_leaves_the_batch_pending(
     flusher = Flusher(counters, database, metrics, 1.0, spool, 10, 2)
     try:
         await flusher.flush()  # connected
-        await fetch(
-            database,
-            "ALTER TABLE pixel_counts ADD CONSTRAINT no_poison CHECK (campaign <> 'poison')",
-        )
+        await refuse_poison(database)
         counters.add(60, "poison", "", "", "", IMPRESSIONS, 3)
         await flusher.flush()  # rejected, the dead letter failed: the batch waits
         assert flusher.pending_batches == 1 and not failures and not metrics.dead_lettered
