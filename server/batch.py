@@ -16,13 +16,14 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import io
 import os
 import struct
 import sys
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -77,12 +78,29 @@ class Batch:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Batch:
-        """Reads a spool file (:meth:`spool_pieces`, or those of an earlier format); a
-        ValueError for anything else, a cut-off file included."""
-        head, newline, copy = data.partition(b"\n")
-        if not newline and data.startswith(b"{"):
-            return _from_json_rows(data)
-        if not newline or not copy.startswith(COPY_HEADER) or not copy.endswith(COPY_TRAILER):
+        """Reads a spool file's bytes: see :meth:`read`."""
+        return cls.read(io.BytesIO(data), len(data))
+
+    @classmethod
+    def read(cls, file: BinaryIO, size: int) -> Batch:
+        """Reads a spool file (:meth:`spool_pieces`, or those of an earlier format) of ``size``
+        bytes; a ValueError for anything else, a cut-off file included. The rows are read
+        straight into their own bytes object, the GIL released: a file read whole and then
+        cut into its parts made two more copies of them with the GIL held, which stalled
+        the event loop while a big batch was read back after an outage."""
+        head = file.readline()
+        if not head.endswith(b"\n") and head.startswith(b"{"):
+            return _from_json_rows(head)  # one JSON document, no line break
+        rows_size = size - len(head) - len(COPY_HEADER) - len(COPY_TRAILER)
+        copy_header = file.read(len(COPY_HEADER))
+        tuples = file.read(rows_size) if rows_size >= 0 else b""
+        if (
+            not head.endswith(b"\n")
+            or rows_size < 0
+            or copy_header != COPY_HEADER
+            or len(tuples) != rows_size
+            or file.read() != COPY_TRAILER
+        ):
             raise ValueError("not a spooled batch: a JSON line, then a binary COPY file")
         document = orjson.loads(head)
         if not isinstance(document, dict):
@@ -90,7 +108,6 @@ class Batch:
         rows = document.get("rows")
         if type(rows) is not int or rows < 1:
             raise ValueError(f"not a spooled batch: rows is {rows!r}")
-        tuples = copy[len(COPY_HEADER) : len(copy) - len(COPY_TRAILER)]
         batch_id = uuid.UUID(str(document.get("batch_id")))
         last_tuple = document.get("last_tuple")
         if last_tuple is None:

@@ -121,7 +121,8 @@ class Spool:
             self._changes += 1
 
     def read(self, path: Path) -> Batch:
-        return Batch.from_bytes(path.read_bytes())
+        with path.open("rb") as file:
+            return Batch.read(file, os.fstat(file.fileno()).st_size)
 
     def remove(self, path: Path) -> None:
         """Forgets an applied batch (another process may have removed it already)."""
