@@ -85,9 +85,9 @@ class Batch:
     def read(cls, file: BinaryIO, size: int) -> Batch:
         """Reads a spool file (:meth:`spool_pieces`, or those of an earlier format) of ``size``
         bytes; a ValueError for anything else, a cut-off file included. The rows are read
-        straight into their own bytes object, the GIL released: a file read whole and then
-        cut into its parts made two more copies of them with the GIL held, which stalled
-        the event loop while a big batch was read back after an outage."""
+        straight into their own bytes object, the GIL released, and never copied: copies of
+        a big batch, made with the GIL held, would stall the event loop while an outage's
+        batches are read back."""
         head = file.readline()
         if not head.endswith(b"\n") and head.startswith(b"{"):
             return _from_json_rows(head)  # one JSON document, no line break

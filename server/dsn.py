@@ -36,7 +36,7 @@ def check(dsn: str) -> str:
     if "://" in dsn:
         try:
             parts = urlsplit(dsn)
-            if parts.netloc.count("@") > 1:  # the driver's password would end at the first
+            if parts.netloc.count("@") > 1:  # the driver's password would end at the first "@"
                 raise ValueError
             if "," not in parts.netloc:  # several hosts: the driver reads each itself
                 parts.port  # noqa: B018 - raises for a port that is not a number

@@ -169,11 +169,14 @@ class EmbeddedPostgres:
         return True
 
     def _run(self, program: str, *args: str | Path) -> None:
+        # A session of its own: Ctrl-C at a terminal signals its whole process group, and
+        # would cut an initdb or a pg_ctl short (the server itself waits for them, then stops).
         result = subprocess.run(
             [self.bin / program, *args],
             capture_output=True,
             text=True,
             check=False,
+            start_new_session=True,
             **self._as_owner(),
         )
         if result.returncode != 0:

@@ -123,6 +123,7 @@ class Flusher:
         # holds up no seal and no flush.
         self._to_spool: asyncio.Queue[Pending | None] = asyncio.Queue()
         self._writing_ahead: asyncio.Task[None] | None = None
+        self._writing_since: float | None = None  # loop time the write under way began
         self._unreadable: set[Path] = set()  # spool files whose read failed, logged once
         self._spool_trouble = ""  # why the spool takes no batches, logged once per episode
         self.problem = "not connected to the database yet"
@@ -170,10 +171,11 @@ class Flusher:
     async def _spool_ahead(self) -> None:
         """Every interval a flush outlasts: seals the window, which spools its batches, so
         that no more than an interval's counts are only in memory however long the flush
-        takes. Not while a write to the spool is under way (a disk that hangs, say): the
-        window, capped by ``--max-keys``, holds the counts meanwhile, where sealed batches
-        would only pile up in memory."""
-        if self._spooling.locked():
+        takes. Not while a write to the spool has taken longer than an interval (a disk
+        that hangs): the window, capped by ``--max-keys``, holds the counts meanwhile, where
+        sealed batches would only pile up in memory."""
+        loop = asyncio.get_running_loop()
+        if self._writing_since is not None and loop.time() - self._writing_since > self._interval:
             return
         try:
             await self._seal()
@@ -487,16 +489,7 @@ class Flusher:
         seconds = time.perf_counter() - started
         path = _settle(item)
         if path is not None:
-            try:
-                await asyncio.to_thread(self._spool.remove, path)
-            except OSError as error:
-                log.error(
-                    "batch %s is applied, but its spool file %s cannot be removed: %s; the"
-                    " ledger skips it at the next start",
-                    batch.batch_id,
-                    path,
-                    error,
-                )
+            await self._remove_written(path)
         if applied:
             self._metrics.flushed(batch.rows, seconds)
         else:
@@ -506,10 +499,10 @@ class Flusher:
     async def _dead_letter(self, item: Pending, batch: Batch, why: str) -> None:
         """Sets a batch aside, with why, and then removes its spool file, which may have been
         written meanwhile (or, once it is, its writer does)."""
-        target = await asyncio.to_thread(self._spool.dead_letter, batch, why, item.path)
+        target = await asyncio.to_thread(self._spool.dead_letter, batch, why)
         path = _settle(item)
         if path is not None:
-            await self._remove_written(path)  # if the dead letter did not take it already
+            await self._remove_written(path)
         self._metrics.dead_lettered += 1
         log.error(
             "batch %s (%d rows) dead-lettered to %s: %s", batch.batch_id, batch.rows, target, why
@@ -568,16 +561,15 @@ class Flusher:
                 budget = self._spool.max_bytes
                 self._spool_refuses(logging.WARNING, f"is over its budget of {budget} bytes")
                 break
-            item.writing = True
-            writing = asyncio.get_running_loop().run_in_executor(
-                _SPOOL_WRITER, self._spool.write, item.batch
-            )
+            loop = asyncio.get_running_loop()
+            item.writing, self._writing_since = True, loop.time()
+            writing = loop.run_in_executor(_SPOOL_WRITER, self._spool.write, item.batch)
             try:
                 # Shielded: a cancel cannot stop the thread, and the file must be known.
                 item.path = await asyncio.shield(writing)
-                item.writing = False
+                item.writing, self._writing_since = False, None
             except OSError as error:
-                item.writing = False
+                item.writing, self._writing_since = False, None
                 self._spool_refuses(logging.ERROR, f"cannot be written ({error.strerror or error})")
                 break
             except asyncio.CancelledError:
@@ -593,7 +585,7 @@ class Flusher:
         """Records the file of a write whose writer was cancelled, and removes it (on the
         event loop: one unlink, and rare) if its batch is settled meanwhile, so that no file
         of a settled batch is left behind."""
-        item.writing = False
+        item.writing, self._writing_since = False, None
         if writing.cancelled() or writing.exception() is not None:
             return
         item.path = writing.result()
@@ -607,7 +599,12 @@ class Flusher:
         try:
             self._spool.remove(path)
         except OSError as error:
-            log.error("cannot remove %s, whose batch is applied or set aside: %s", path, error)
+            log.error(
+                "cannot remove %s, whose batch is applied or set aside: %s; the ledger skips it"
+                " at the next start",
+                path,
+                error,
+            )
 
     def _spool_refuses(self, level: int, trouble: str) -> None:
         """Logs why the spool takes no batches, once for as long as the reason stays."""

@@ -155,7 +155,8 @@ class Metrics:
         by_label(
             "pixel_http_errors_total",
             "Requests the HTTP layer answered with an error of its own, by status: a request"
-            " its parser refuses (400), a fault of the server (500)",
+            " its parser refuses (400), a handler that timed out (504), a fault of the server"
+            " (500)",
             "status",
             self.http_errors,
         )

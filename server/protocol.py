@@ -78,8 +78,8 @@ class PixelAnswer:
 
 class ErrorCountingRequestHandler(RequestHandler):
     """aiohttp's request handler, counting the errors it answers itself: a request its parser
-    refuses (400, or 413 and the like), a fault of the server (500). No handler sees those, so
-    without this they would show in no metric."""
+    refuses (400), a handler that timed out (504), a fault of the server (500). No handler
+    sees those, so without this they would show in no metric."""
 
     __slots__ = ("_app",)
 

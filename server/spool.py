@@ -131,12 +131,11 @@ class Spool:
             path.unlink()
             self._count(-1, -size)
 
-    def dead_letter(self, batch: Batch, error: str, path: Path | None) -> Path:
-        """Keeps a batch PostgreSQL rejected, with the error, out of the way of the others."""
+    def dead_letter(self, batch: Batch, error: str) -> Path:
+        """Keeps a batch PostgreSQL rejected, with the error, out of the way of the others
+        (its spool file, if any, is for the caller to remove once this returns)."""
         target = self.dead_letter_directory / f"{time.time_ns():020d}-{batch.batch_id}{SUFFIX}"
         _write_durably(target, batch.spool_pieces(error=error))
-        if path is not None:
-            self.remove(path)
         return target
 
     def quarantine(self, path: Path) -> Path:
@@ -173,14 +172,18 @@ def _writer_alive(partial: Path) -> bool:
 
 def _write_durably(path: Path, pieces: Iterable[bytes]) -> None:
     partial = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}")
-    with open(partial, "wb") as file:
-        for piece in pieces:
-            view = memoryview(piece)
-            for start in range(0, len(view), WRITE_PIECE):
-                file.write(view[start : start + WRITE_PIECE])
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as file:
+            for piece in pieces:
+                view = memoryview(piece)
+                for start in range(0, len(view), WRITE_PIECE):
+                    file.write(view[start : start + WRITE_PIECE])
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a full disk keeps no part of a batch it refused
+        raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)

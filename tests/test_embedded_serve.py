@@ -63,10 +63,21 @@ async def test_a_second_server_on_the_same_data_folder_leaves_the_database_runni
     assert not (data_dir / "postgres" / "postmaster.pid").exists(), "PostgreSQL left running"
 
 
-def test_sigterm_while_the_embedded_database_starts_stops_it(tmp_path: Path) -> None:
+def running_initdb(pid: int) -> bool:
+    """Whether process ``pid`` has a child running initdb (Linux's /proc)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return any(Path(f"/proc/{child}/comm").read_text() == "initdb\n" for child in children)
+    except OSError:  # a child gone meanwhile
+        return False
+
+
+@pytest.mark.parametrize("ctrl_c", [False, True])
+def test_a_signal_while_the_embedded_database_starts_stops_it(tmp_path: Path, ctrl_c: bool) -> None:
     """A first start makes the cluster (initdb) and starts it, which takes seconds: SIGTERM
-    meanwhile lets the start finish, then stops the database and exits 0, rather than
-    killing the server and leaving PostgreSQL running with no one to stop it."""
+    meanwhile, or Ctrl-C (SIGINT to the terminal's whole process group), lets the start
+    finish, then stops the database and exits 0, rather than killing the server (or initdb)
+    and leaving PostgreSQL running, or half made, with no one to stop it."""
     data_dir = tmp_path / "pixel-data"
     with (tmp_path / "server.log").open("wb") as log:
         server = subprocess.Popen(
@@ -74,13 +85,17 @@ def test_sigterm_while_the_embedded_database_starts_stops_it(tmp_path: Path) -> 
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PIXEL_DSN": ""},
+            start_new_session=True,  # a process group of its own, as at a terminal
         )
         try:
             deadline = time.monotonic() + 30
-            while not (data_dir / "postgres").exists():  # the start has begun
+            while not running_initdb(server.pid):
                 assert time.monotonic() < deadline and server.poll() is None
-                time.sleep(0.01)
-            server.send_signal(signal.SIGTERM)
+                time.sleep(0.005)
+            if ctrl_c:
+                os.killpg(server.pid, signal.SIGINT)
+            else:
+                server.send_signal(signal.SIGTERM)
             assert server.wait(60) == 0, (tmp_path / "server.log").read_text()
         finally:
             server.kill()

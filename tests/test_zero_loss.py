@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import errno
 import logging
+import os
 import struct
 import subprocess
 import threading
@@ -330,6 +331,24 @@ def test_spool_files_are_whole_or_absent(tmp_path: Path) -> None:
     assert Spool(tmp_path, max_bytes=1000).bytes == spool.bytes  # a restart finds them
     spool.remove(path)
     assert spool.batches == 1 and not path.exists()
+
+
+def test_a_write_the_disk_refuses_leaves_no_part_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every batch is spooled as it is sealed: a full disk must not keep the parts of the
+    files it refused, uncounted, until the next start."""
+    spool = Spool(tmp_path, 1 << 20)
+
+    def full_disk(descriptor: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    for _ in range(3):
+        with pytest.raises(OSError, match="No space left"):
+            spool.write(batch_of((60, "c", "", "", "", 1, 0, 0, 0, 0, 0)))
+    assert [path.name for path in tmp_path.iterdir()] == ["dead-letter"]
+    assert spool.batches == 0
 
 
 def test_a_starting_worker_leaves_a_siblings_spool_write_alone(tmp_path: Path) -> None:
@@ -840,11 +859,19 @@ async def test_every_sealed_batch_is_spooled_while_the_database_applies_it(
         return write(batch)
 
     monkeypatch.setattr(spool, "write", noted_write)
+    apply = storage.apply
+
+    async def slow_apply(connection: object, batch: Batch, written: float | None) -> bool:
+        await asyncio.sleep(0.2)  # each batch's write, a few milliseconds, ends first
+        return await apply(connection, batch, written)
+
     counters = Counters()
     flusher = Flusher(counters, proxy.dsn(), Metrics(), 60.0, spool, 10, 2)
     expected = expect_keys(counters, 500)
-    await flusher.flush()
-    assert len(written) == 10 and not list(tmp_path.glob("*.batch"))
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "apply", slow_apply)
+        await flusher.flush()
+    await wait_for(lambda: len(written) == 10 and not list(tmp_path.glob("*.batch")))
     assert await totals_by_key(database) == expected
     proxy.hang()
     again = expect_keys(counters, 500)  # each key counted again
@@ -924,11 +951,11 @@ async def test_a_dead_letter_that_cannot_be_written_leaves_the_batch_pending(
 
     dead_letter, failures = spool.dead_letter, [OSError(errno.EMFILE, "Too many open files")]
 
-    def dead_letter_failing_once(batch: Batch, error: str, path: Path | None) -> Path:
+    def dead_letter_failing_once(batch: Batch, error: str) -> Path:
         if failures:
             threading.Timer(0.2, disk.set).start()  # the file is written just after
             raise failures.pop()
-        return dead_letter(batch, error, path)
+        return dead_letter(batch, error)
 
     monkeypatch.setattr(spool, "write", slow_write)
     monkeypatch.setattr(spool, "dead_letter", dead_letter_failing_once)
@@ -968,12 +995,12 @@ async def test_a_spool_file_that_cannot_be_read_for_now_waits(
     read = spool.read
     failures = [OSError(errno.EMFILE, "Too many open files")] * 3
 
-    def read_failing_once(path: Path) -> Batch:
+    def read_failing(path: Path) -> Batch:
         if failures:
             raise failures.pop()
         return read(path)
 
-    monkeypatch.setattr(spool, "read", read_failing_once)
+    monkeypatch.setattr(spool, "read", read_failing)
     metrics = Metrics()
     flusher = Flusher(Counters(), database, metrics, 1.0, spool, 10, 1)
     await flusher.flush()
