@@ -479,13 +479,13 @@ class Flusher:
                 " pruned rows (--ledger-days): it may have been applied; move it back into the"
                 " spool to apply it all the same"
             )
-            await self._dead_letter(item, batch, why)
-            return True
+            return await self._dead_letter(item, batch, why)
         except (asyncpg.PostgresError, ValueError) as error:
             if not is_permanent(error):
                 raise
-            await self._dead_letter(item, batch, f"PostgreSQL rejected it: {describe(error)}")
-            return True
+            return await self._dead_letter(
+                item, batch, f"PostgreSQL rejected it: {describe(error)}"
+            )
         seconds = time.perf_counter() - started
         path = _settle(item)
         if path is not None:
@@ -496,10 +496,16 @@ class Flusher:
             log.warning("batch %s was already applied; skipped", batch.batch_id)
         return True
 
-    async def _dead_letter(self, item: Pending, batch: Batch, why: str) -> None:
+    async def _dead_letter(self, item: Pending, batch: Batch, why: str) -> bool:
         """Sets a batch aside, with why, and then removes its spool file, which may have been
-        written meanwhile (or, once it is, its writer does)."""
-        target = await asyncio.to_thread(self._spool.dead_letter, batch, why)
+        written meanwhile (or, once it is, its writer does). False if the dead letter cannot
+        be written (a full disk, say): the spool's trouble, not the database's, and the batch
+        waits for the next flush."""
+        try:
+            target = await asyncio.to_thread(self._spool.dead_letter, batch, why)
+        except OSError as error:
+            self._spool_refuses(logging.ERROR, f"cannot take a dead letter ({error.strerror})")
+            return False
         path = _settle(item)
         if path is not None:
             await self._remove_written(path)
@@ -507,6 +513,7 @@ class Flusher:
         log.error(
             "batch %s (%d rows) dead-lettered to %s: %s", batch.batch_id, batch.rows, target, why
         )
+        return True
 
     async def _quarantine(self, path: Path, error: Exception) -> None:
         """Moves a spool file that holds no batch, or cannot be read, to the dead letters.
