@@ -487,9 +487,7 @@ class Flusher:
                 item, batch, f"PostgreSQL rejected it: {describe(error)}"
             )
         seconds = time.perf_counter() - started
-        path = _settle(item)
-        if path is not None:
-            await self._remove_written(path)
+        await self._settle(item)
         if applied:
             self._metrics.flushed(batch.rows, seconds)
         else:
@@ -506,9 +504,7 @@ class Flusher:
         except OSError as error:
             self._spool_refuses(logging.ERROR, f"cannot take a dead letter ({error.strerror})")
             return False
-        path = _settle(item)
-        if path is not None:
-            await self._remove_written(path)
+        await self._settle(item)
         self._metrics.dead_lettered += 1
         log.error(
             "batch %s (%d rows) dead-lettered to %s: %s", batch.batch_id, batch.rows, target, why
@@ -586,7 +582,7 @@ class Flusher:
                 log.info("spool %s takes batches again", self._spool.directory)
                 self._spool_trouble = ""
             if item.settled:  # applied, or set aside, meanwhile
-                await self._remove_written(item.path)
+                await asyncio.to_thread(self._remove_settled, item.path)
 
     def _written_late(self, item: Pending, writing: asyncio.Future[Path]) -> None:
         """Records the file of a write whose writer was cancelled, and removes it (on the
@@ -599,8 +595,12 @@ class Flusher:
         if item.settled:
             self._remove_settled(item.path)
 
-    async def _remove_written(self, path: Path) -> None:
-        await asyncio.to_thread(self._remove_settled, path)
+    async def _settle(self, item: Pending) -> None:
+        """Marks a batch applied, or set aside, and removes its spool file. A file still being
+        written is removed by its writer, which sees the mark."""
+        item.settled = True
+        if item.path is not None:
+            await asyncio.to_thread(self._remove_settled, item.path)
 
     def _remove_settled(self, path: Path) -> None:
         try:
@@ -669,13 +669,6 @@ class Flusher:
         # the operator; the retries are quieter.
         first = log.error if migration else log.warning
         (first if self._failures == 1 else log.info)(message, *args)
-
-
-def _settle(item: Pending) -> Path | None:
-    """Marks a batch applied, or set aside; returns its spool file, for the caller to remove.
-    A file still being written is removed by its writer, which sees the mark."""
-    item.settled = True
-    return item.path
 
 
 def _spooled_at(path: Path) -> float:

@@ -839,6 +839,20 @@ async def test_a_hung_database_holds_no_more_than_an_interval_of_counts_in_memor
     assert await impressions(database) == {"before": 3, "hung": 4, "later": 5}
 
 
+def gate_writes(spool: Spool, monkeypatch: pytest.MonkeyPatch, disk: threading.Event) -> list[Path]:
+    """Makes the spool's writes wait until ``disk`` is set, as on a disk that hangs; returns
+    the files written, as they are written."""
+    write, written = spool.write, []
+
+    def gated_write(batch: Batch) -> Path:
+        disk.wait(30)
+        written.append(write(batch))
+        return written[-1]
+
+    monkeypatch.setattr(spool, "write", gated_write)
+    return written
+
+
 async def test_every_sealed_batch_is_spooled_while_the_database_applies_it(
     database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -851,14 +865,9 @@ async def test_every_sealed_batch_is_spooled_while_the_database_applies_it(
     proxy = DatabaseProxy(database)
     await proxy.open()
     spool = Spool(tmp_path, 1 << 30)
-    written: list[Batch] = []
-    write = spool.write
-
-    def noted_write(batch: Batch) -> Path:
-        written.append(batch)
-        return write(batch)
-
-    monkeypatch.setattr(spool, "write", noted_write)
+    disk = threading.Event()
+    disk.set()
+    written = gate_writes(spool, monkeypatch, disk)
     apply = storage.apply
 
     async def slow_apply(connection: object, batch: Batch, written: float | None) -> bool:
@@ -905,15 +914,8 @@ async def test_a_hung_spool_disk_holds_up_no_flush_and_leaves_no_file_behind(
     written once the disk answers, of batches settled meanwhile, are removed."""
     monkeypatch.setattr(flusher_module, "CONNECT_TIMEOUT", 0.2)
     spool = Spool(tmp_path, 1 << 30)
-    write, disk = spool.write, threading.Event()
-    written: list[Path] = []
-
-    def hung_write(batch: Batch) -> Path:
-        disk.wait(30)
-        written.append(write(batch))
-        return written[-1]
-
-    monkeypatch.setattr(spool, "write", hung_write)
+    disk = threading.Event()
+    written = gate_writes(spool, monkeypatch, disk)
     counters = Counters()
     flusher = Flusher(counters, database, Metrics(), 1.0, spool, 10, 2)
     try:
@@ -944,12 +946,8 @@ async def test_a_dead_letter_that_cannot_be_written_leaves_the_batch_pending(
     kept once written, and the next flush sets it aside. It is never lost in between, and the
     database, which did its part, is not blamed."""
     spool = Spool(tmp_path, 1 << 30)
-    write, disk = spool.write, threading.Event()
-
-    def slow_write(batch: Batch) -> Path:
-        disk.wait(30)
-        return write(batch)
-
+    disk = threading.Event()
+    gate_writes(spool, monkeypatch, disk)
     dead_letter, failures = spool.dead_letter, [OSError(errno.EMFILE, "Too many open files")]
 
     def dead_letter_failing_once(batch: Batch, error: str) -> Path:
@@ -958,7 +956,6 @@ async def test_a_dead_letter_that_cannot_be_written_leaves_the_batch_pending(
             raise failures.pop()
         return dead_letter(batch, error)
 
-    monkeypatch.setattr(spool, "write", slow_write)
     monkeypatch.setattr(spool, "dead_letter", dead_letter_failing_once)
     metrics, counters = Metrics(), Counters()
     flusher = Flusher(counters, database, metrics, 1.0, spool, 10, 2)
