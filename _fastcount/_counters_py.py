@@ -331,8 +331,11 @@ class Window:
     def totals(self) -> _Totals:
         """Per-field sums, in COLUMNS order, over every row the window was
         swapped out with, drained or not. Exact: a sum may pass int64."""
-        with self._lock:
+        self._lock.acquire()
+        try:
             return self._gather()
+        finally:
+            self._lock.release()
 
     def drain(self, limit: int) -> list[_Row]:
         """Removes and returns up to limit (>= 1) rows, in key order; [] once empty.
@@ -359,18 +362,24 @@ class Window:
     # As in the compiled engine: drains from several threads get disjoint rows
     # (the lock), and a MemoryError loses none. Every step that allocates comes
     # before the first one that removes anything (_remove); removing from a
-    # list's tail or from a dict allocates nothing.
+    # list's tail or from a dict allocates nothing. The lock is released by
+    # release(), not by a with block: the lock's __exit__ takes its arguments
+    # as a tuple, and were that tuple's allocation to fail, the lock would stay
+    # held and the next drain would wait for it forever.
 
     def _drain(self, limit: int, build: Callable[[list[_Key], dict[_Key, list[int]]], _T]) -> _T:
         """Builds the next rows, up to limit, with ``build``; then removes them."""
         limit_ = _int64(limit)
         if limit_ < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        with self._lock:
+        self._lock.acquire()
+        try:
             keys = self._next_keys(limit_)
             built = build(keys, self._rows)
             self._remove(keys)
             return built
+        finally:
+            self._lock.release()
 
     def _gather(self) -> _Totals:
         """Sorts the keys into _order and sums the rows up; once, before the

@@ -1,6 +1,7 @@
 """The counter engine: every case runs against the compiled and the pure-Python module."""
 
 import doctest
+import gc
 import importlib
 import os
 import random
@@ -462,6 +463,42 @@ def test_drain_keeps_rows_through_memory_errors(counters_impl: ModuleType) -> No
     # Every row once, still in key order: a failed drain hands the same rows out again.
     assert [r[1] for r in drained] == sorted(f"c{i}" for i in range(2_000))
     assert sorted(r[5] for r in drained) == list(range(1, 2_001))
+
+
+def test_a_drain_that_runs_out_of_memory_leaves_the_window_unlocked(
+    counters_impl: ModuleType,
+) -> None:
+    # Each allocation in turn fails, with the free lists emptied first (a full collection
+    # does), so that even a small tuple has to come from the allocator. The next drain runs
+    # in a thread of its own: were the failed drain to leave the window's lock held, it would
+    # wait for it forever, and the join says so instead.
+    testcapi = pytest.importorskip("_testcapi")
+    failed_at = []
+    for nth in range(200):
+        counters = counters_impl.Counters(shards=4)
+        for i in range(50):
+            counters.add(B, f"c{i}", "", "", "", 0, i + 1)
+        window = counters.swap()
+        gc.collect()
+        testcapi.set_nomemory(nth, nth + 1)
+        try:
+            drained = len(window.drain(5))
+        except MemoryError:
+            drained = 0
+            failed_at.append(nth)
+        finally:
+            testcapi.remove_mem_hooks()
+        rows: list[list[Row]] = []
+        drainer = threading.Thread(
+            target=lambda rows, window: rows.append(drain_all(window)),
+            args=(rows, window),
+            daemon=True,
+        )
+        drainer.start()
+        drainer.join(10)
+        assert not drainer.is_alive(), f"a drain failing at allocation {nth} left the lock held"
+        assert len(rows[0]) == 50 - drained
+    assert failed_at
 
 
 def test_growth_past_many_resizes(counters_impl: ModuleType) -> None:
