@@ -22,6 +22,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -108,7 +109,7 @@ class Flusher:
         self._metrics = metrics
         self._interval = interval
         self._spool = spool
-        self._pending = collections.deque(Pending(None, path) for path in spool.paths())
+        self._pending = collections.deque(Pending(None, path) for path in spool.adopt())
         self._connections: list[Any] = []
         self._unsealed: collections.deque[Window] = collections.deque()  # left by failed seals
         self._connection_count = connections
@@ -262,6 +263,7 @@ class Flusher:
             self._to_spool.put_nowait(None)
             if not (await asyncio.wait({self._writing_ahead}, timeout=CONNECT_TIMEOUT))[0]:
                 self._writing_ahead.cancel()
+        self._spool.close()
 
     async def _within(self, work: Awaitable[None], seconds: float) -> bool:
         """Awaits ``work`` for up to ``seconds``; False if it took longer. Then the connections
@@ -445,8 +447,10 @@ class Flusher:
             assert item.path is not None
             try:
                 batch = await asyncio.to_thread(self._spool.read, item.path)
-            except FileNotFoundError:
-                return True  # applied and removed by another process sharing the spool
+            except FileNotFoundError as error:
+                if os.path.lexists(item.path):  # a symbolic link to nothing
+                    await self._quarantine(item.path, error)
+                return True  # or removed by an operator meanwhile
             except ValueError as error:  # not a batch file
                 await self._quarantine(item.path, error)
                 return True

@@ -7,21 +7,27 @@ time they were spooled, so they are taken oldest first, and removed once applied
 PostgreSQL rejects for good goes to ``dead-letter/`` beside them, with the error; moving such a
 file back into the spool folder applies it again at the next start.
 
-The worker processes of one server share the folder. A temporary name carries the pid of its
-writer, so a starting process removes only what a dead one left, never a sibling's file in
-the making. The count and size of the files on disk are read when the spool opens and then
-once per flush in a worker thread (:meth:`Spool.refresh`), not on each scrape or readiness
-check; in between, this process's writes and removals keep them current.
+The worker processes of one server share the folder, each as an owner of its own files: a
+file's name ends in its owner's token, and the owner holds an exclusive lock (``flock``) on
+``owners/TOKEN.lock`` for as long as it runs, which the kernel lets go when it dies, however
+it dies. A starting process adopts the files of owners gone (renaming them to its own token:
+one adopter wins each file) and leaves a live sibling's alone, its batches under way and its
+files in the making alike. The count and size of the files on disk are read when the spool
+opens and then once per flush in a worker thread (:meth:`Spool.refresh`), not on each scrape
+or readiness check; in between, this process's writes and removals keep them current.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
+import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".batch"
 PARTIAL = ".partial"
+LOCK = ".lock"
 # A file is written this much per system call. The kernel may not preempt a call (one built
 # without preemption does not): writing a batch of 13 MB at once held the core the event loop
 # runs on for up to tens of milliseconds.
@@ -49,16 +56,15 @@ class Spool:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.dead_letter_directory = directory / "dead-letter"
+        self._owners = directory / "owners"
         self.max_bytes = max_bytes
-        directory.mkdir(parents=True, exist_ok=True)
+        self._owners.mkdir(parents=True, exist_ok=True)
         self.dead_letter_directory.mkdir(exist_ok=True)
-        for partial in [
-            *directory.glob("*" + PARTIAL),
-            *self.dead_letter_directory.glob("*" + PARTIAL),
-        ]:
-            if not _writer_alive(partial):
-                # A write cut short by a crash: never renamed, never counted.
-                partial.unlink(missing_ok=True)
+        self.owner = secrets.token_hex(8)
+        self._lock = self._owners / f"{self.owner}{LOCK}"
+        descriptor = os.open(self._lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._let_go = weakref.finalize(self, os.close, descriptor)  # and the lock with it
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
         # write() and remove() run in worker threads, several at once: each counts its file
         # under the lock, so that none undoes another's count.
         self._counting = threading.Lock()
@@ -66,8 +72,38 @@ class Spool:
         self.usage = self.scan()
 
     def paths(self) -> list[Path]:
-        """The spooled batches on disk, oldest first."""
+        """The spooled batches on disk, oldest first, every owner's."""
         return sorted(self.directory.glob("*" + SUFFIX))
+
+    def adopt(self) -> list[Path]:
+        """Makes this process the owner of the files whose owners are gone (or that name
+        none: written by an older version), and removes what those left half-written and
+        their locks; returns this process's files, oldest first. Blocking: call it when the
+        spool opens, or from a thread."""
+        with _Owners(self._owners, self.owner) as owners:
+            for partial in [
+                *self.directory.glob("*" + PARTIAL),
+                *self.dead_letter_directory.glob("*" + PARTIAL),
+            ]:
+                if not owners.alive(_owner_of(partial.name.removesuffix(PARTIAL))):
+                    # A write cut short by a crash: never renamed, never counted.
+                    partial.unlink(missing_ok=True)
+            for path in self.paths():
+                if not owners.alive(_owner_of(path.name)):
+                    with contextlib.suppress(FileNotFoundError):  # adopted by another
+                        os.rename(path, self._named(path.name.partition(".")[0], self.directory))
+        return [path for path in self.paths() if _owner_of(path.name) == self.owner]
+
+    def close(self) -> None:
+        """Gives up this process's ownership: its files left (a database still away at
+        shutdown) go to whichever process starts next."""
+        self._lock.unlink(missing_ok=True)
+        self._let_go()
+
+    def _named(self, stem: str, folder: Path) -> Path:
+        """The file in ``folder`` named ``stem`` (``NANOSECONDS-BATCH_ID``), owned by this
+        process."""
+        return folder / f"{stem}.{self.owner}{SUFFIX}"
 
     def scan(self) -> Usage:
         """Counts the files on disk, so processes sharing the folder all see the same figures.
@@ -109,7 +145,7 @@ class Spool:
     def write(self, batch: Batch) -> Path:
         """Writes a batch durably and counts it; returns its file. Blocking: call it from a
         thread."""
-        path = self.directory / f"{time.time_ns():020d}-{batch.batch_id}{SUFFIX}"
+        path = self._named(f"{time.time_ns():020d}-{batch.batch_id}", self.directory)
         pieces = batch.spool_pieces()
         _write_durably(path, pieces)
         self._count(1, sum(map(len, pieces)))
@@ -134,7 +170,7 @@ class Spool:
     def dead_letter(self, batch: Batch, error: str) -> Path:
         """Keeps a batch PostgreSQL rejected, with the error, out of the way of the others
         (its spool file, if any, is for the caller to remove once this returns)."""
-        target = self.dead_letter_directory / f"{time.time_ns():020d}-{batch.batch_id}{SUFFIX}"
+        target = self._named(f"{time.time_ns():020d}-{batch.batch_id}", self.dead_letter_directory)
         _write_durably(target, batch.spool_pieces(error=error))
         return target
 
@@ -156,22 +192,62 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _writer_alive(partial: Path) -> bool:
-    """Whether another live process is writing ``partial`` (``NAME.PID.partial``)."""
-    pid = partial.name.removesuffix(PARTIAL).rpartition(".")[2]
-    if not pid.isdigit() or int(pid) == os.getpid():
+def _owner_of(name: str) -> str | None:
+    """The owner token a spool file's name ends in (``NANOSECONDS-BATCH_ID.OWNER.batch``);
+    None for a name that carries none."""
+    stem = name.removesuffix(SUFFIX)
+    owner = stem.rpartition(".")[2] if "." in stem else ""
+    return owner if len(owner) == 16 and all(c in "0123456789abcdef" for c in owner) else None
+
+
+class _Owners:
+    """Which owners of spool files are alive, asked of their locks. An owner found gone has
+    its lock taken, so that no other process takes it for gone at the same time, until the
+    files are adopted; then the lock is removed."""
+
+    def __init__(self, folder: Path, me: str) -> None:
+        self._folder = folder
+        self._me = me
+        self._alive: dict[str, bool] = {}
+        self._gone: dict[str, int] = {}  # owner: its lock, held
+
+    def __enter__(self) -> _Owners:
+        for lock in self._folder.glob("*" + LOCK):
+            self.alive(lock.name.removesuffix(LOCK))
+        return self
+
+    def alive(self, owner: str | None) -> bool:
+        if owner is None:
+            return False
+        if owner == self._me:
+            return True
+        if owner not in self._alive:
+            self._alive[owner] = self._probe(owner)
+        return self._alive[owner]
+
+    def _probe(self, owner: str) -> bool:
+        try:
+            descriptor = os.open(self._folder / f"{owner}{LOCK}", os.O_RDWR)
+        except FileNotFoundError:
+            return False  # closed cleanly, or adopted already
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            return True
+        self._gone[owner] = descriptor
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, another user's
-    return True
+
+    def __exit__(self, *exc_info: object) -> None:
+        for owner, descriptor in self._gone.items():
+            try:
+                (self._folder / f"{owner}{LOCK}").unlink(missing_ok=True)
+            finally:
+                os.close(descriptor)
 
 
 def _write_durably(path: Path, pieces: Iterable[bytes]) -> None:
-    partial = path.with_name(f"{path.name}.{os.getpid()}{PARTIAL}")
+    partial = path.with_name(path.name + PARTIAL)
     try:
         with open(partial, "wb") as file:
             for piece in pieces:

@@ -13,6 +13,7 @@ import logging
 import os
 import struct
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -320,6 +321,7 @@ def test_a_spool_file_that_misplaces_its_last_row_is_not_a_batch() -> None:
 def test_spool_files_are_whole_or_absent(tmp_path: Path) -> None:
     (tmp_path / "leftover.batch.partial").write_bytes(b'{"batch_id": "cut sh')
     spool = Spool(tmp_path, max_bytes=1000)
+    assert spool.adopt() == []
     assert not (tmp_path / "leftover.batch.partial").exists()
     assert spool.batches == 0 and not spool.over_budget
     batch = batch_of(*((60, f"c{n}", "", "", "", 1, 0, 0, 0, 0, 0) for n in range(5)))
@@ -347,26 +349,81 @@ def test_a_write_the_disk_refuses_leaves_no_part_behind(
     for _ in range(3):
         with pytest.raises(OSError, match="No space left"):
             spool.write(batch_of((60, "c", "", "", "", 1, 0, 0, 0, 0, 0)))
-    assert [path.name for path in tmp_path.iterdir()] == ["dead-letter"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dead-letter", "owners"]
     assert spool.batches == 0
 
 
-def test_a_starting_worker_leaves_a_siblings_spool_write_alone(tmp_path: Path) -> None:
-    """Workers share the spool folder: a half-written file is removed at start only when the
-    process writing it is gone."""
-    finished = subprocess.Popen(["true"])
-    finished.wait()
-    with subprocess.Popen(["sleep", "30"]) as sibling:
-        try:
-            writing = tmp_path / f"00000000000000000001-a.batch.{sibling.pid}.partial"
-            left_by_crash = tmp_path / f"00000000000000000002-b.batch.{finished.pid}.partial"
-            left_by_old_version = tmp_path / "00000000000000000003-c.batch.partial"
-            for path in (writing, left_by_crash, left_by_old_version):
-                path.write_bytes(b'{"batch_id": "cut sh')
-            Spool(tmp_path, max_bytes=1000)
-            assert sorted(tmp_path.glob("*.partial")) == [writing]
-        finally:
-            sibling.kill()
+# A process that opens the spool, writes one batch and a file in the making, says its owner
+# token, and then closes the spool or waits to be killed.
+_SPOOL_OWNER = """
+import sys, time
+from pathlib import Path
+from server.batch import Batch
+from server.spool import Spool
+from tests.harness import batch_of
+spool = Spool(Path(sys.argv[1]), 1 << 20)
+path = spool.write(batch_of((60, sys.argv[2], "", "", "", 1, 0, 0, 0, 0, 0)))
+path.with_name(path.name.replace("-", "-0", 1) + ".partial").write_bytes(b"cut sh")
+print(spool.owner, flush=True)
+if sys.argv[3] == "close":
+    spool.close()
+else:
+    time.sleep(60)
+"""
+
+
+def spool_owner(folder: Path, campaign: str, ending: str) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SPOOL_OWNER, str(folder), campaign, ending],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    with process.stdout:
+        return process, process.stdout.readline().strip()
+
+
+def test_a_starting_worker_adopts_the_files_of_owners_gone_and_no_others(
+    tmp_path: Path,
+) -> None:
+    """Workers share the spool folder: a starting one takes the batches of processes gone,
+    killed or closed, and of older versions, but not a live sibling's, whose batches are
+    under way, nor its files in the making."""
+    closed, closed_owner = spool_owner(tmp_path, "closed", "close")
+    assert closed.wait(30) == 0
+    killed, killed_owner = spool_owner(tmp_path, "killed", "wait")
+    killed.kill()
+    killed.wait()
+    old_version = tmp_path / f"{time.time_ns():020d}-{uuid.uuid4()}.batch"
+    old_version.write_bytes(
+        b"".join(batch_of((60, "old", "", "", "", 1, 0, 0, 0, 0, 0)).spool_pieces())
+    )
+    (tmp_path / "00000000000000000003-c.batch.1234.partial").write_bytes(b"cut sh")
+    sibling, sibling_owner = spool_owner(tmp_path, "sibling", "wait")
+    try:
+        siblings = sorted(tmp_path.glob(f"*{sibling_owner}*"))
+        assert len(siblings) == 2  # a batch and one in the making
+
+        ours = Spool(tmp_path, 1 << 20)
+        adopted = ours.adopt()
+        campaigns = [ours.read(path).first_key()[1] for path in adopted]
+        assert campaigns == ["closed", "killed", "old"]  # oldest first
+        assert all(path.name.endswith(f".{ours.owner}.batch") for path in adopted)
+        assert sorted(tmp_path.glob("*.partial")) == [p for p in siblings if p.suffix == ".partial"]
+        assert sorted(path.name for path in tmp_path.glob("*.batch")) == sorted(
+            [*(path.name for path in adopted), *(p.name for p in siblings if p.suffix == ".batch")]
+        )
+        locks = {path.name for path in (tmp_path / "owners").iterdir()}
+        assert locks == {f"{ours.owner}.lock", f"{sibling_owner}.lock"}
+        assert closed_owner != killed_owner
+        assert ours.batches == 4  # the sibling's batch too: the figures are the folder's
+    finally:
+        sibling.kill()
+        sibling.wait()
+    # Once the sibling is gone, the next to start takes its batch, and none of ours.
+    theirs = Spool(tmp_path, 1 << 20)
+    assert [theirs.read(path).first_key()[1] for path in theirs.adopt()] == ["sibling"]
+    assert not list(tmp_path.glob("*.partial"))
 
 
 async def test_spool_figures_follow_other_processes_after_refresh(tmp_path: Path) -> None:
@@ -384,23 +441,25 @@ async def test_spool_figures_follow_other_processes_after_refresh(tmp_path: Path
 async def test_an_unreadable_spool_file_is_moved_aside_and_blames_no_database(
     database: str, tmp_path: Path
 ) -> None:
-    """A spool entry that cannot be read (a folder in its place, a symbolic link to itself)
-    goes to the dead letters; the batches behind it land, even over one connection, and the
-    flusher stays ready."""
+    """A spool entry that cannot be read (a folder in its place, a symbolic link to itself or
+    to nothing) goes to the dead letters; the batches behind it land, even over one
+    connection, and the flusher stays ready."""
     spool = Spool(tmp_path, 1 << 20)
-    (tmp_path / "00000000000000000001-folder.batch").mkdir()
-    loop = tmp_path / "00000000000000000002-loop.batch"
+    (tmp_path / f"00000000000000000001-folder.{spool.owner}.batch").mkdir()
+    loop = tmp_path / f"00000000000000000002-loop.{spool.owner}.batch"
     loop.symlink_to(loop.name)
+    (tmp_path / f"00000000000000000003-nowhere.{spool.owner}.batch").symlink_to("nowhere")
     spool.write(batch_of((60, "behind", "", "", "", 4, 0, 0, 0, 0, 0)))
     metrics = Metrics()
     flusher = Flusher(Counters(), database, metrics, 1.0, spool, 10, 1)
     await flusher.flush()
     assert flusher.ready and metrics.flush_failures == 0
     assert await impressions(database) == {"behind": 4}
-    assert metrics.dead_lettered == 2
+    assert metrics.dead_lettered == 3
     assert sorted(path.name for path in spool.dead_letter_directory.iterdir()) == [
-        "00000000000000000001-folder.batch",
-        "00000000000000000002-loop.batch",
+        f"00000000000000000001-folder.{spool.owner}.batch",
+        f"00000000000000000002-loop.{spool.owner}.batch",
+        f"00000000000000000003-nowhere.{spool.owner}.batch",
     ]
     assert spool.usage == spool.scan() == (0, 0)
     await flusher.close(5.0)
@@ -815,7 +874,8 @@ async def test_a_hung_database_holds_no_more_than_an_interval_of_counts_in_memor
     proxy = DatabaseProxy(database)
     await proxy.open()
     counters = Counters()
-    flusher = Flusher(counters, proxy.dsn(), Metrics(), 0.1, Spool(tmp_path, 1 << 30), 10, 2)
+    spool = Spool(tmp_path, 1 << 30)
+    flusher = Flusher(counters, proxy.dsn(), Metrics(), 0.1, spool, 10, 2)
     counters.add(60, "before", "", "", "", IMPRESSIONS, 3)
     await flusher.flush()  # connected, applied
     proxy.hang()
@@ -826,7 +886,9 @@ async def test_a_hung_database_holds_no_more_than_an_interval_of_counts_in_memor
         counters.add(60, "later", "", "", "", IMPRESSIONS, 5)  # sealed and spooled on time
         await wait_for(lambda: spooled_impressions(tmp_path)["later"] == 5)
         assert not running.done() and not len(counters)
-        # A hard kill now: the next start applies the spool on its own.
+        # A hard kill now (the kernel lets go of the spool's lock, as close() does): the next
+        # start applies the spool on its own.
+        spool.close()
         restarted = Flusher(Counters(), database, Metrics(), 1.0, Spool(tmp_path, 1 << 30), 10, 2)
         await restarted.flush()
         await restarted.close(5.0)
@@ -891,7 +953,9 @@ async def test_every_sealed_batch_is_spooled_while_the_database_applies_it(
         spooled = sum(counts[0] for counts in again.values())
         await wait_for(lambda: sum(spooled_impressions(tmp_path).values()) == spooled)
         assert not running.done()
-        # A hard kill now: the next start applies the spool on its own.
+        # A hard kill now (the kernel lets go of the spool's lock, as close() does): the next
+        # start applies the spool on its own.
+        spool.close()
         restarted = Flusher(Counters(), database, Metrics(), 1.0, Spool(tmp_path, 1 << 30), 10, 2)
         await restarted.flush()
         await restarted.close(5.0)
