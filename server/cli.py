@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import uvloop
 from aiohttp import web
 
-from server import clicks, logs, protocol, report_command, snippet, supervisor
+from server import clicks, logs, protocol, report_command, signals, snippet, supervisor
 from server import config as settings
 from server.app import make_admin_app, make_app, snapshot_of
 from server.app_keys import METRICS
@@ -152,16 +150,22 @@ def serve(config: Config) -> int:
     """Runs the server until SIGTERM or SIGINT; returns the exit status."""
     if not config.secret:
         log.warning("no --secret / PIXEL_SECRET: click links cannot be verified; /c answers 400")
+    with signals.noted() as received:
+        return _serve_noting(config, received)
+
+
+def _serve_noting(config: Config, received: list[int]) -> int:
+    """:func:`serve`, with SIGTERM and SIGINT noted in ``received`` until the event loop
+    heeds them."""
     embedded = None
     dsn = config.dsn
     if not dsn:
         embedded = EmbeddedPostgres(config.data_dir)
-        with _signals_noted() as received:
-            try:
-                embedded.start()
-            except RuntimeError as error:
-                log.error("cannot start the embedded PostgreSQL in %s: %s", embedded.pgdata, error)
-                return 1
+        try:
+            embedded.start()
+        except RuntimeError as error:
+            log.error("cannot start the embedded PostgreSQL in %s: %s", embedded.pgdata, error)
+            return 1
         if received:
             log.info("stopping: signalled while the embedded PostgreSQL started")
             if embedded.stop():
@@ -184,31 +188,14 @@ def serve(config: Config) -> int:
         log.info("flushing to %s", redact(dsn))
     try:
         if config.workers > 1:
-            return uvloop.run(supervisor.Supervisor(config, dsn).run())
-        return uvloop.run(_serve(config, dsn))
+            return uvloop.run(supervisor.Supervisor(config, dsn).run(received))
+        return uvloop.run(_serve(config, dsn, received))
     finally:
         if embedded is not None and embedded.stop():
             log.info("embedded PostgreSQL stopped")
 
 
-@contextlib.contextmanager
-def _signals_noted() -> Iterator[list[int]]:
-    """SIGTERM and SIGINT noted, not acted on, for the duration: a start of the embedded
-    PostgreSQL (initdb, then pg_ctl, seconds on a first run) is not cut short, which would
-    leave its server running with no one to stop it; it is stopped after."""
-    received: list[int] = []
-    signals = (signal.SIGTERM, signal.SIGINT)
-    previous = [
-        signal.signal(signum, lambda signum, _: received.append(signum)) for signum in signals
-    ]
-    try:
-        yield received
-    finally:
-        for signum, handler in zip(signals, previous, strict=True):
-            signal.signal(signum, handler)
-
-
-async def _serve(config: Config, dsn: str) -> int:
+async def _serve(config: Config, dsn: str, received: list[int]) -> int:
     app = make_app(config, dsn)
     handler_args: dict[str, Any] = {
         "access_log": logging.getLogger("aiohttp.access") if config.access_log else None,
@@ -255,9 +242,7 @@ async def _serve(config: Config, dsn: str) -> int:
                 admin_runner.addresses[0][1],
             )
         stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
+        signals.stop_on_signals(stopping, received)
         await stopping.wait()
         log.info("stopping: answering requests in flight, then the final flush")
     finally:

@@ -25,6 +25,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from server import signals
 from server.app import make_admin_app
 from server.config import SETTINGS, Config
 from server.metrics import Snapshot, merge
@@ -182,16 +183,15 @@ class Supervisor:
             self._restart_at[index] = None
             await self._start(index, stopping)
 
-    async def run(self) -> int:
-        """Supervises until SIGTERM or SIGINT; returns the exit status."""
+    async def run(self, received: list[int]) -> int:
+        """Supervises until SIGTERM or SIGINT (or at once for one ``received`` before, as
+        :func:`server.signals.noted` notes them); returns the exit status."""
         config = self._config
         admin = make_admin_app(config, self._dsn, self._gather)
         admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
         await admin_runner.setup()
         stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
+        signals.stop_on_signals(stopping, received)
         try:
             try:
                 await web.TCPSite(admin_runner, config.admin_host, config.admin_port).start()
@@ -206,21 +206,23 @@ class Supervisor:
                     log.error("worker %d did not start; stopping", index)
                     await self._stop_workers()
                     return 1
-            log.info(
-                "%d workers serving pixels on http://%s:%d, admin on http://%s:%d",
-                config.workers,
-                config.host,
-                config.port,
-                config.admin_host,
-                admin_runner.addresses[0][1],  # the port bound, which port 0 leaves to the system
-            )
+            if not stopping.is_set():
+                log.info(
+                    "%d workers serving pixels on http://%s:%d, admin on http://%s:%d",
+                    config.workers,
+                    config.host,
+                    config.port,
+                    config.admin_host,
+                    admin_runner.addresses[0][1],  # the port bound: port 0 leaves it to the system
+                )
             while not stopping.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stopping.wait(), CHECK_INTERVAL)
                 await self._take_snapshots()
                 for index in range(config.workers):
                     await self._look_after(index, stopping)
-            log.info("stopping: passing the signal to %d workers", config.workers)
+            started = sum(worker is not None for worker in self._workers)
+            log.info("stopping: passing the signal to %d workers", started)
             return await self._stop_workers()
         finally:
             await admin_runner.cleanup()
@@ -228,6 +230,8 @@ class Supervisor:
 
     async def _stop_workers(self) -> int:
         workers = [worker for worker in self._workers if worker is not None]
+        if not workers:  # stopped before the first started
+            return 0
         for worker in workers:
             if worker.returncode is None:
                 worker.send_signal(signal.SIGTERM)

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -152,3 +153,52 @@ def test_a_database_whose_server_was_killed_is_taken_over(tmp_path: Path) -> Non
         assert not first.running()
     finally:
         first.stop()
+
+
+# A server whose ``module.factory`` (argv[1], argv[2]) sends it SIGTERM first, as if the signal
+# came between the embedded PostgreSQL's start and the event loop's own signal handlers.
+_SIGNALLED_WHILE_STARTING = """
+import importlib, os, signal, sys
+from server import cli
+module = importlib.import_module(sys.argv[1])
+factory = getattr(module, sys.argv[2])
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return factory(*args, **kwargs)
+setattr(module, sys.argv[2], signalled)
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("factory", "workers"),
+    [("server.cli.make_app", 1), ("server.supervisor.make_admin_app", 2)],
+)
+def test_a_signal_after_the_embedded_database_started_stops_it(
+    tmp_path: Path, factory: str, workers: int
+) -> None:
+    """SIGTERM while the apps are being made, before the event loop heeds signals: the
+    server stops as if it came a moment later (exit 0, the database stopped), rather than
+    being killed and leaving PostgreSQL running."""
+    data_dir = tmp_path / "pixel-data"
+    module, _, name = factory.rpartition(".")
+    server = subprocess.run(
+        [
+            *(sys.executable, "-c", _SIGNALLED_WHILE_STARTING, module, name),
+            *("serve", f"--data-dir={data_dir}", f"--workers={workers}"),
+            *("--port=0", "--admin-port=0", f"--spool-dir={tmp_path / 'spool'}"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PIXEL_DSN": ""},
+        timeout=120,
+    )
+    try:
+        assert server.returncode == 0, server.stderr
+        assert "embedded PostgreSQL stopped" in server.stderr
+        assert not (data_dir / "postgres" / "postmaster.pid").exists(), "PostgreSQL left running"
+    finally:
+        if (data_dir / "postgres" / "postmaster.pid").exists():
+            left = EmbeddedPostgres(data_dir)  # takes over the database left running
+            left.start()
+            left.stop()
