@@ -4,23 +4,20 @@ connections at once; each new batch is applied as soon as it is sealed, while th
 window is still being encoded.
 
 Every sealed batch is also written to the disk spool (fsynced) as it comes, while the database
-applies it, and the file is removed once the batch is applied: a hard kill or a power loss
-loses only the window still being counted. Counting never waits for it: the swap is O(1), the
-counter engine sorts and encodes a window in a worker thread without the GIL, and spool files
-are written and read in a thread. While the database is unreachable, the spooled batches wait
-and are retried with capped exponential backoff and full jitter; a batch PostgreSQL rejects
-for good is dead-lettered, so it never blocks the batches behind it.
+applies it, and the file is removed once the batch is applied (:mod:`server.write_ahead`): a
+hard kill or a power loss loses only the window still being counted. Counting never waits for
+it: the swap is O(1), the counter engine sorts and encodes a window in a worker thread without
+the GIL, and spool files are written and read in a thread. While the database is unreachable,
+the spooled batches wait and are retried with capped exponential backoff and full jitter; a
+batch PostgreSQL rejects for good is dead-lettered, so it never blocks the batches behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
-import dataclasses
 import errno
-import functools
 import logging
 import os
 import random
@@ -33,11 +30,12 @@ import asyncpg
 
 from _fastcount import Counters, Window
 from server import storage
-from server.batch import Batch, seal, yielding
+from server.batch import Batch, seal
 from server.dsn import redact
 from server.logs import describe
 from server.metrics import Metrics
 from server.spool import Spool
+from server.write_ahead import Pending, WriteAhead
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +47,6 @@ PRUNING_INTERVAL = 3600.0
 PRUNING_BUDGET = 1.0  # seconds a flush may spend pruning
 # A batch may have been applied (its commit's answer lost) this long before it was spooled.
 SPOOLING_MARGIN = 3600.0
-# Spool files are written by one thread that yields the CPU to the event loop, as the sealing
-# does: copying a big batch into the page cache takes milliseconds.
-_SPOOL_WRITER = concurrent.futures.ThreadPoolExecutor(
-    1, thread_name_prefix="spool", initializer=yielding
-)
 # Errors of a spool entry that is no file to read, and never will be.
 _NOT_A_FILE = {errno.EISDIR, errno.ELOOP}
 
@@ -65,16 +58,6 @@ _RETRYABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.Inte
 # says nothing about the batch (a connection lost, a deadlock, a database made read-only or a
 # privilege revoked, an internal error): the batch waits for the database to be mended.
 _REJECTING_CLASSES = {"21", "22", "23", "54"}
-
-
-@dataclasses.dataclass
-class Pending:
-    """A sealed batch waiting for the database: in memory, on disk, or both."""
-
-    batch: Batch | None
-    path: Path | None = None
-    settled: bool = False  # applied, or set aside: its file, once written, is not needed
-    writing: bool = False  # its file is being written
 
 
 def is_permanent(error: BaseException) -> bool:
@@ -119,14 +102,8 @@ class Flusher:
         self._retry_at = 0.0
         self._stopping = asyncio.Event()
         self._sealing = asyncio.Lock()
-        self._spooling = asyncio.Lock()  # one writer of the batches in memory at a time
-        # Each sealed batch, for the spool; written by a task of its own, so that a slow disk
-        # holds up no seal and no flush.
-        self._to_spool: asyncio.Queue[Pending | None] = asyncio.Queue()
-        self._writing_ahead: asyncio.Task[None] | None = None
-        self._writing_since: float | None = None  # loop time the write under way began
+        self._write_ahead = WriteAhead(spool)
         self._unreadable: set[Path] = set()  # spool files whose read failed, logged once
-        self._spool_trouble = ""  # why the spool takes no batches, logged once per episode
         self.problem = "not connected to the database yet"
         if self._pending:
             log.info("%d spooled batches found in %s", len(self._pending), spool.directory)
@@ -175,8 +152,7 @@ class Flusher:
         takes. Not while a write to the spool has taken longer than an interval (a disk
         that hangs): the window, capped by ``--max-keys``, holds the counts meanwhile, where
         sealed batches would only pile up in memory."""
-        loop = asyncio.get_running_loop()
-        if self._writing_since is not None and loop.time() - self._writing_since > self._interval:
+        if self._write_ahead.hung(self._interval):
             return
         try:
             await self._seal()
@@ -257,12 +233,9 @@ class Flusher:
                 await connection.close(timeout=CONNECT_TIMEOUT)
             except _RETRYABLE:
                 connection.terminate()
-        if self._writing_ahead is not None:
-            # What it has left is applied, spooled or dropped by now: it ends at once, but for
-            # a write under way, which is given a connect timeout.
-            self._to_spool.put_nowait(None)
-            if not (await asyncio.wait({self._writing_ahead}, timeout=CONNECT_TIMEOUT))[0]:
-                self._writing_ahead.cancel()
+        # What the writer has left is applied, spooled or dropped by now: it ends at once, but
+        # for a write under way, which is given a connect timeout.
+        await self._write_ahead.close(CONNECT_TIMEOUT)
         self._spool.close()
 
     async def _within(self, work: Awaitable[None], seconds: float) -> bool:
@@ -315,12 +288,10 @@ class Flusher:
         disk while the database may be applying it, so that a hard kill or a power loss
         spares it. One seal at a time: a second waits for the first, which may be sealing
         the windows it would find."""
-        if self._writing_ahead is None or self._writing_ahead.done():
-            self._writing_ahead = asyncio.ensure_future(self._write_ahead())
 
         def add(item: Pending) -> None:
             arrived(item)
-            self._to_spool.put_nowait(item)
+            self._write_ahead.put(item)
 
         async with self._sealing:
             await self._seal_windows(add)
@@ -491,7 +462,7 @@ class Flusher:
                 item, batch, f"PostgreSQL rejected it: {describe(error)}"
             )
         seconds = time.perf_counter() - started
-        await self._settle(item)
+        await self._write_ahead.settle(item)
         if applied:
             self._metrics.flushed(batch.rows, seconds)
         else:
@@ -506,9 +477,10 @@ class Flusher:
         try:
             target = await asyncio.to_thread(self._spool.dead_letter, batch, why)
         except OSError as error:
-            self._spool_refuses(logging.ERROR, f"cannot take a dead letter ({error.strerror})")
+            trouble = f"cannot take a dead letter ({error.strerror})"
+            self._write_ahead.refuses(logging.ERROR, trouble)
             return False
-        await self._settle(item)
+        await self._write_ahead.settle(item)
         self._metrics.dead_lettered += 1
         log.error(
             "batch %s (%d rows) dead-lettered to %s: %s", batch.batch_id, batch.rows, target, why
@@ -538,8 +510,9 @@ class Flusher:
         """Writes the batches held only in memory to the spool, while it has room, and lets
         go of those on disk (they are read back when applied); then drops the oldest beyond
         ``max_in_memory`` (never while a flush may be applying them)."""
-        async with self._spooling:
-            await self._write(list(self._pending))  # a copy: a flush may remove some meanwhile
+        async with self._write_ahead.lock:
+            # A copy: a flush may remove some meanwhile.
+            await self._write_ahead.write(list(self._pending))
             for item in self._pending:
                 if item.path is not None:
                     item.batch = None
@@ -549,79 +522,6 @@ class Flusher:
                 for item in oldest:
                     self._pending.remove(item)
                 self._drop(oldest, "memory cap reached")
-
-    async def _write_ahead(self) -> None:
-        """Writes each sealed batch to the spool as it comes, keeping it in memory for the
-        flush applying it, until told that none follows."""
-        while (item := await self._to_spool.get()) is not None:
-            try:
-                async with self._spooling:
-                    await self._write([item])
-            except Exception:
-                log.exception("writing a batch to the spool failed; it stays in memory")
-
-    async def _write(self, items: list[Pending]) -> None:
-        for item in items:
-            if item.path is not None or item.batch is None or item.settled or item.writing:
-                continue
-            if self._spool.over_budget:
-                budget = self._spool.max_bytes
-                self._spool_refuses(logging.WARNING, f"is over its budget of {budget} bytes")
-                break
-            loop = asyncio.get_running_loop()
-            item.writing, self._writing_since = True, loop.time()
-            writing = loop.run_in_executor(_SPOOL_WRITER, self._spool.write, item.batch)
-            try:
-                # Shielded: a cancel cannot stop the thread, and the file must be known.
-                item.path = await asyncio.shield(writing)
-                item.writing, self._writing_since = False, None
-            except OSError as error:
-                item.writing, self._writing_since = False, None
-                self._spool_refuses(logging.ERROR, f"cannot be written ({error.strerror or error})")
-                break
-            except asyncio.CancelledError:
-                writing.add_done_callback(functools.partial(self._written_late, item))
-                raise
-            if self._spool_trouble:
-                log.info("spool %s takes batches again", self._spool.directory)
-                self._spool_trouble = ""
-            if item.settled:  # applied, or set aside, meanwhile
-                await asyncio.to_thread(self._remove_settled, item.path)
-
-    def _written_late(self, item: Pending, writing: asyncio.Future[Path]) -> None:
-        """Records the file of a write whose writer was cancelled, and removes it (on the
-        event loop: one unlink, and rare) if its batch is settled meanwhile, so that no file
-        of a settled batch is left behind."""
-        item.writing, self._writing_since = False, None
-        if writing.cancelled() or writing.exception() is not None:
-            return
-        item.path = writing.result()
-        if item.settled:
-            self._remove_settled(item.path)
-
-    async def _settle(self, item: Pending) -> None:
-        """Marks a batch applied, or set aside, and removes its spool file. A file still being
-        written is removed by its writer, which sees the mark."""
-        item.settled = True
-        if item.path is not None:
-            await asyncio.to_thread(self._remove_settled, item.path)
-
-    def _remove_settled(self, path: Path) -> None:
-        try:
-            self._spool.remove(path)
-        except OSError as error:
-            log.error(
-                "cannot remove %s, whose batch is applied or set aside: %s; the ledger skips it"
-                " at the next start",
-                path,
-                error,
-            )
-
-    def _spool_refuses(self, level: int, trouble: str) -> None:
-        """Logs why the spool takes no batches, once for as long as the reason stays."""
-        if trouble != self._spool_trouble:
-            log.log(level, "spool %s %s; batches wait in memory", self._spool.directory, trouble)
-            self._spool_trouble = trouble
 
     def _drop(self, items: list[Pending], why: str) -> None:
         """Counts and logs batches no longer pending, that were held in memory only; their

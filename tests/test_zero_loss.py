@@ -36,6 +36,7 @@ from server.embedded import EmbeddedPostgres
 from server.flusher import Flusher
 from server.metrics import Metrics
 from server.spool import Spool, Usage
+from server.write_ahead import Pending, WriteAhead
 from tests.harness import (
     FIRST_BUCKET,
     LAST_BUCKET,
@@ -553,7 +554,7 @@ async def test_a_failing_spool_disk_is_logged_once_and_the_counts_still_land(
     """Every batch is spooled as it is sealed: a disk that refuses the writes is an error for
     the operator, logged once (not at every flush), while the database takes the batches
     from memory; the log says when the spool takes them again."""
-    caplog.set_level(logging.INFO, "server.flusher")
+    caplog.set_level(logging.INFO, "server.write_ahead")
     spool = Spool(tmp_path, 1 << 30)
     write = spool.write
     failing = True
@@ -913,6 +914,34 @@ def gate_writes(spool: Spool, monkeypatch: pytest.MonkeyPatch, disk: threading.E
 
     monkeypatch.setattr(spool, "write", gated_write)
     return written
+
+
+async def test_a_batch_being_written_when_its_writer_is_cancelled_is_written_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush cancelled while it spools (at shutdown, say) lets go of the writer's lock, but
+    its write goes on in the thread: the next writer skips that batch, whose file the write
+    under way still records, rather than write it a second time."""
+    spool = Spool(tmp_path, 1 << 30)
+    disk = threading.Event()
+    written = gate_writes(spool, monkeypatch, disk)
+    write_ahead = WriteAhead(spool)
+    item = Pending(batch_of((60, "once", "", "", "", 1, 0, 0, 0, 0, 0)))
+
+    async def spool_it() -> None:
+        async with write_ahead.lock:
+            await write_ahead.write([item])
+
+    cancelled = asyncio.create_task(spool_it())
+    await wait_for(lambda: item.writing)
+    cancelled.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await cancelled
+    await asyncio.wait_for(spool_it(), 5)  # skips it: no second write queued behind the first
+    disk.set()
+    await wait_for(lambda: item.path is not None)
+    assert written == [item.path] and list(tmp_path.glob("*.batch")) == written
+    assert not item.writing and spool.read(item.path) == item.batch
 
 
 async def test_every_sealed_batch_is_spooled_while_the_database_applies_it(
