@@ -940,8 +940,8 @@ async def test_a_batch_being_written_when_its_writer_is_cancelled_is_written_onc
     await asyncio.wait_for(spool_it(), 5)  # skips it: no second write queued behind the first
     disk.set()
     await wait_for(lambda: item.path is not None)
-    assert written == [item.path] and list(tmp_path.glob("*.batch")) == written
-    assert not item.writing and spool.read(item.path) == item.batch
+    assert list(tmp_path.glob("*.batch")) == written == [item.path]
+    assert not item.writing and spool.read(written[0]) == item.batch
 
 
 async def test_every_sealed_batch_is_spooled_while_the_database_applies_it(
