@@ -235,8 +235,10 @@ class Flusher:
                 connection.terminate()
         # What the writer has left is applied, spooled or dropped by now: it ends at once, but
         # for a write under way, which is given a connect timeout.
-        await self._write_ahead.close(CONNECT_TIMEOUT)
-        self._spool.close()
+        if await self._write_ahead.close(CONNECT_TIMEOUT):
+            self._spool.close()
+        # Else a write is under way on a disk that hangs: this process keeps its files until
+        # it exits, when the next to start adopts them (and removes the write's part).
 
     async def _within(self, work: Awaitable[None], seconds: float) -> bool:
         """Awaits ``work`` for up to ``seconds``; False if it took longer. Then the connections

@@ -60,11 +60,17 @@ class Spool:
         self.max_bytes = max_bytes
         self._owners.mkdir(parents=True, exist_ok=True)
         self.dead_letter_directory.mkdir(exist_ok=True)
-        self.owner = secrets.token_hex(8)
-        self._lock = self._owners / f"{self.owner}{LOCK}"
-        descriptor = os.open(self._lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        while True:
+            self.owner = secrets.token_hex(8)
+            self._lock = self._owners / f"{self.owner}{LOCK}"
+            descriptor = os.open(self._lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            if _names(self._lock, descriptor):
+                break
+            # Another process, adopting, took the lock file for a dead owner's in the moment
+            # between its making and its locking, and removed it: a new one.
+            os.close(descriptor)
         self._let_go = weakref.finalize(self, os.close, descriptor)  # and the lock with it
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
         # write() and remove() run in worker threads, several at once: each counts its file
         # under the lock, so that none undoes another's count.
         self._counting = threading.Lock()
@@ -89,9 +95,14 @@ class Spool:
                     # A write cut short by a crash: never renamed, never counted.
                     partial.unlink(missing_ok=True)
             for path in self.paths():
-                if not owners.alive(_owner_of(path.name)):
-                    with contextlib.suppress(FileNotFoundError):  # adopted by another
-                        os.rename(path, self._named(path.name.partition(".")[0], self.directory))
+                if owners.alive(_owner_of(path.name)):
+                    continue
+                try:
+                    os.rename(path, self._named(path.name.partition(".")[0], self.directory))
+                except FileNotFoundError:
+                    pass  # adopted by another process
+                except OSError as error:
+                    log.error("cannot adopt spool file %s: %s; it is left as it is", path, error)
         return [path for path in self.paths() if _owner_of(path.name) == self.owner]
 
     def close(self) -> None:
@@ -192,6 +203,14 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _names(path: Path, descriptor: int) -> bool:
+    """Whether ``path`` names the file open as ``descriptor``."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(descriptor))
+    except FileNotFoundError:
+        return False
+
+
 def _owner_of(name: str) -> str | None:
     """The owner token a spool file's name ends in (``NANOSECONDS-BATCH_ID.OWNER.batch``);
     None for a name that carries none."""
@@ -212,8 +231,12 @@ class _Owners:
         self._gone: dict[str, int] = {}  # owner: its lock, held
 
     def __enter__(self) -> _Owners:
-        for lock in self._folder.glob("*" + LOCK):
-            self.alive(lock.name.removesuffix(LOCK))
+        try:
+            for lock in self._folder.glob("*" + LOCK):
+                self.alive(lock.name.removesuffix(LOCK))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def alive(self, owner: str | None) -> bool:
@@ -227,12 +250,14 @@ class _Owners:
 
     def _probe(self, owner: str) -> bool:
         try:
-            descriptor = os.open(self._folder / f"{owner}{LOCK}", os.O_RDWR)
+            descriptor = os.open(self._folder / f"{owner}{LOCK}", os.O_RDONLY)
         except FileNotFoundError:
             return False  # closed cleanly, or adopted already
+        except OSError:
+            return True  # another user's, say: left alone
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # held: alive (or a lock not to be had: left alone)
             os.close(descriptor)
             return True
         self._gone[owner] = descriptor
@@ -240,10 +265,9 @@ class _Owners:
 
     def __exit__(self, *exc_info: object) -> None:
         for owner, descriptor in self._gone.items():
-            try:
+            with contextlib.suppress(OSError):  # one left is probed again, and found gone
                 (self._folder / f"{owner}{LOCK}").unlink(missing_ok=True)
-            finally:
-                os.close(descriptor)
+            os.close(descriptor)
 
 
 def _write_durably(path: Path, pieces: Iterable[bytes]) -> None:

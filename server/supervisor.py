@@ -91,6 +91,7 @@ class Supervisor:
         self._dsn = dsn
         self._run_dir = Path(tempfile.mkdtemp(prefix="pixel-workers-"))
         self._workers: list[asyncio.subprocess.Process | None] = [None] * config.workers
+        self._ready = [False] * config.workers  # each worker's latest start got ready
         self._started_at = [0.0] * config.workers
         self._failures = [0] * config.workers  # deaths in a row, each soon after its start
         self._restart_at: list[float | None] = [None] * config.workers
@@ -127,10 +128,10 @@ class Supervisor:
             and not stopping.is_set()
         ):
             await asyncio.sleep(0.05)
-        if socket.exists():
+        self._ready[index] = socket.exists()
+        if self._ready[index]:
             log.info("worker %d ready (pid %d)", index, worker.pid)
-            return True
-        return False
+        return self._ready[index]
 
     async def _snapshot(self, index: int) -> None:
         """Takes worker ``index``'s metrics; one that does not answer keeps its last."""
@@ -243,7 +244,14 @@ class Supervisor:
                 log.error("worker pid %d did not stop in time; killing it", worker.pid)
                 worker.kill()
         await asyncio.gather(*waiting, return_exceptions=True)
-        failed = [worker.pid for worker in workers if worker.returncode != 0]
+        failed = [
+            worker.pid
+            for worker, ready in zip(self._workers, self._ready, strict=True)
+            if worker is not None
+            and worker.returncode != 0
+            # Signalled while it started, before it heeds signals: it had counted nothing.
+            and not (worker.returncode == -signal.SIGTERM and not ready)
+        ]
         if failed or late:
             log.error("workers %s did not stop cleanly", failed)
             return 1

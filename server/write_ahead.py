@@ -61,12 +61,14 @@ class WriteAhead:
         loop = asyncio.get_running_loop()
         return self._since is not None and loop.time() - self._since > seconds
 
-    async def close(self, timeout: float) -> None:
-        """Writes what is queued and ends, giving a write under way ``timeout`` seconds."""
+    async def close(self, timeout: float) -> bool:
+        """Writes what is queued and ends, giving a write under way ``timeout`` seconds;
+        False if one was still under way then (in its thread, which cannot be stopped)."""
         if self._task is not None:
             self._queue.put_nowait(None)
             if not (await asyncio.wait({self._task}, timeout=timeout))[0]:
                 self._task.cancel()
+        return self._since is None
 
     async def _run(self) -> None:
         while (item := await self._queue.get()) is not None:

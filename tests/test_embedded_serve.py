@@ -172,14 +172,20 @@ sys.exit(cli.main(sys.argv[3:]))
 
 @pytest.mark.parametrize(
     ("factory", "workers"),
-    [("server.cli.make_app", 1), ("server.supervisor.make_admin_app", 2)],
+    [
+        ("server.cli.make_app", 1),
+        ("server.supervisor.make_admin_app", 2),
+        ("server.supervisor.worker_environment", 2),
+    ],
 )
 def test_a_signal_after_the_embedded_database_started_stops_it(
     tmp_path: Path, factory: str, workers: int
 ) -> None:
     """SIGTERM while the apps are being made, before the event loop heeds signals: the
     server stops as if it came a moment later (exit 0, the database stopped), rather than
-    being killed and leaving PostgreSQL running."""
+    being killed and leaving PostgreSQL running. With workers, SIGTERM as the first one is
+    started: passed on to it while it is still starting, it kills it, which had counted
+    nothing, and the supervisor stops cleanly all the same."""
     data_dir = tmp_path / "pixel-data"
     module, _, name = factory.rpartition(".")
     server = subprocess.run(

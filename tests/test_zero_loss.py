@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import fcntl
 import logging
 import os
 import struct
@@ -425,6 +426,49 @@ def test_a_starting_worker_adopts_the_files_of_owners_gone_and_no_others(
     theirs = Spool(tmp_path, 1 << 20)
     assert [theirs.read(path).first_key()[1] for path in theirs.adopt()] == ["sibling"]
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_lock_file_taken_for_a_dead_owners_before_it_was_locked_is_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process adopting at the moment another makes its lock file, before locking it,
+    finds it free and removes it: the new owner makes another, so that its files are never
+    taken for a dead owner's."""
+    adopter = Spool(tmp_path, 1 << 20)
+    flock = fcntl.flock
+    raced: list[list[Path]] = []  # what the adopter adopted, in the race
+
+    def racing_flock(descriptor: int, operation: int) -> None:
+        if operation == fcntl.LOCK_EX and not raced:  # a new spool's own lock, not held yet
+            raced.append(adopter.adopt())
+        flock(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", racing_flock)
+    spool = Spool(tmp_path, 1 << 20)
+    assert raced == [[]]
+    assert (tmp_path / "owners" / f"{spool.owner}.lock").exists()
+    path = spool.write(batch_of((60, "mine", "", "", "", 1, 0, 0, 0, 0, 0)))
+    assert adopter.adopt() == [] and path.exists()
+
+
+def test_a_lock_that_cannot_be_opened_is_a_live_owners(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user's owner, whose lock file this process may not open: its files are left
+    alone, and the start goes on."""
+    theirs = Spool(tmp_path, 1 << 20)
+    path = theirs.write(batch_of((60, "theirs", "", "", "", 1, 0, 0, 0, 0, 0)))
+    theirs.close()  # gone, as far as the lock goes; but its lock file cannot be read
+    (tmp_path / "owners" / f"{theirs.owner}.lock").touch()
+    open_file = os.open
+
+    def refused(file: Any, flags: int, *args: Any) -> int:
+        if Path(file).name == f"{theirs.owner}.lock":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return open_file(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", refused)
+    assert Spool(tmp_path, 1 << 20).adopt() == [] and path.exists()
 
 
 async def test_spool_figures_follow_other_processes_after_refresh(tmp_path: Path) -> None:
@@ -1022,6 +1066,10 @@ async def test_a_hung_spool_disk_holds_up_no_flush_and_leaves_no_file_behind(
             disk.set()
             await wait_for(lambda: written and not [*tmp_path.glob("*.batch")])
         await asyncio.wait_for(flusher.close(5.0), 10)
+        # The spool is given up only with no write under way, which a process starting
+        # meanwhile would take for a dead one's.
+        owned = (tmp_path / "owners" / f"{spool.owner}.lock").exists()
+        assert owned == (answers == "after it")
     finally:
         disk.set()
     assert await impressions(database) == {"healthy": 4}
