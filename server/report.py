@@ -31,6 +31,7 @@ MEASURES: dict[str, str] = {
     "viewable": "sum(viewable)::bigint",
     "viewability_rate": "sum(viewable)::float8 / nullif(sum(measurable), 0)",
     "clicks": "sum(clicks)::bigint",
+    "givt_clicks": "sum(givt_clicks)::bigint",
     "ctr": "sum(clicks)::float8 / nullif(sum(impressions), 0)",
 }
 RATES = ("viewability_rate", "ctr")

@@ -230,11 +230,24 @@ def write_table(columns: Sequence[str], rows: Rows, out: TextIO) -> None:
         out.write("  ".join(cells).rstrip() + "\n")
 
 
+# What a spreadsheet takes a cell starting with for a formula. Dimension values come from the
+# public pixel port: ``/i.gif?cid=%3DHYPERLINK(...)`` would otherwise run in the operator's
+# spreadsheet when the file is opened.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def write_csv(columns: Sequence[str], rows: Rows, out: TextIO) -> None:
-    """A header and one line per row; rates as fractions, empty where there is none."""
+    """A header and one line per row; rates as fractions, empty where there is none. A text
+    value a spreadsheet would take for a formula gets a leading ``'``."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
-    writer.writerows(rows)
+    writer.writerows([_spreadsheet_safe(value) for value in row] for row in rows)
+
+
+def _spreadsheet_safe(value: Value) -> Value:
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def write_json(columns: Sequence[str], rows: Rows, out: TextIO) -> None:

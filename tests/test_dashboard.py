@@ -18,13 +18,13 @@ from tests.browser import chromium, new_context
 from tests.harness import DatabaseProxy, PixelServer, insert_counts
 
 # (minutes ago, campaign, creative, affiliate, sub_id, impressions, givt_impressions,
-# measurable, viewable, clicks)
+# measurable, viewable, clicks, givt_clicks)
 KNOWN = [
-    (10, "spring", "banner-1", "partner-7", "top", 1000, 10, 800, 600, 20),
-    (70, "spring", "banner-2", "partner-8", "", 500, 0, 400, 100, 5),
-    (180, "<b>x</b>", "c", "partner-9", "s", 10, 0, 0, 0, 0),
-    (300, "summer", "banner-1", "partner-7", "top", 2000, 40, 1000, 900, 100),
-    (480, "autumn", "banner-1", "partner-7", "top", 99_999, 0, 0, 0, 0),  # before the 6 hours
+    (10, "spring", "banner-1", "partner-7", "top", 1000, 10, 800, 600, 20, 3),
+    (70, "spring", "banner-2", "partner-8", "", 500, 0, 400, 100, 5, 0),
+    (180, "<b>x</b>", "c", "partner-9", "s", 10, 0, 0, 0, 0, 0),
+    (300, "summer", "banner-1", "partner-7", "top", 2000, 40, 1000, 900, 100, 4),
+    (480, "autumn", "banner-1", "partner-7", "top", 99_999, 0, 0, 0, 0, 9),  # before the 6 hours
 ]
 # What the page shows for a rate of nothing (an en dash).
 NO_RATE = "\u2013"
@@ -34,7 +34,7 @@ SCREENSHOT_COPY = Path("/tmp/dashboard.png")
 
 async def insert_known(dsn: str) -> None:
     now = datetime.now(UTC).replace(second=0, microsecond=0)
-    await insert_counts(dsn, [(now - timedelta(minutes=row[0]), *row[1:], 0) for row in KNOWN])
+    await insert_counts(dsn, [(now - timedelta(minutes=row[0]), *row[1:]) for row in KNOWN])
 
 
 async def wait_ready(server: PixelServer, timeout: float = 20.0) -> None:
@@ -82,6 +82,7 @@ async def test_the_page_shows_the_known_counts(
         assert await text("#kpi-viewable") == "1,600"
         assert await text("#kpi-viewability_rate") == "72.73%"
         assert await text("#kpi-clicks") == "125"
+        assert await text("#kpi-givt_clicks") == "7"
         assert await text("#kpi-ctr") == "3.56%"
         assert await cells(page, "top-campaigns") == [
             ["summer", "2,000", "900", "90.00%", "100", "5.00%"],

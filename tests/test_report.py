@@ -84,11 +84,11 @@ async def test_the_table_by_campaign_has_exact_sums_and_rates(counts: str) -> No
     assert (status, err) == (0, "")
     # The whole table, to the character: alignment is what makes it readable.
     assert out.splitlines() == [
-        "campaign  impressions  givt_impressions  measurable  viewable  viewability_rate  clicks    ctr",  # noqa: E501
-        "--------  -----------  ----------------  ----------  --------  ----------------  ------  -----",  # noqa: E501
-        "summer          2,000                40           0         0                 -     100  5.00%",  # noqa: E501
-        "spring          1,800                15       1,500     1,100            73.33%      33  1.83%",  # noqa: E501
-        "(none)              7                 7           0         0                 -       0  0.00%",  # noqa: E501
+        "campaign  impressions  givt_impressions  measurable  viewable  viewability_rate  clicks  givt_clicks    ctr",  # noqa: E501
+        "--------  -----------  ----------------  ----------  --------  ----------------  ------  -----------  -----",  # noqa: E501
+        "summer          2,000                40           0         0                 -     100            2  5.00%",  # noqa: E501
+        "spring          1,800                15       1,500     1,100            73.33%      33            1  1.83%",  # noqa: E501
+        "(none)              7                 7           0         0                 -       0            0  0.00%",  # noqa: E501
     ]
 
 
@@ -106,6 +106,7 @@ async def test_json_and_csv_carry_the_same_figures(counts: str) -> None:
             "viewable": 1100,
             "viewability_rate": 1100 / 1500,
             "clicks": 33,
+            "givt_clicks": 1,
             "ctr": 33 / 1800,
         },
         {
@@ -117,6 +118,7 @@ async def test_json_and_csv_carry_the_same_figures(counts: str) -> None:
             "viewable": 0,
             "viewability_rate": None,
             "clicks": 100,
+            "givt_clicks": 2,
             "ctr": 0.05,
         },
     ]
@@ -130,7 +132,7 @@ async def test_json_and_csv_carry_the_same_figures(counts: str) -> None:
     lines = list(csv.reader(io.StringIO(out)))
     assert lines[0] == list(rows[0])
     spring = ["spring", "2024-05-01T10:00:00Z", "1800", "15", "1500", "1100", repr(1100 / 1500)]
-    assert lines[1] == [*spring, "33", repr(33 / 1800)]
+    assert lines[1] == [*spring, "33", "1", repr(33 / 1800)]
     assert lines[2][6] == ""  # no rate where nothing was measurable
     assert len(lines) == 1 + len(rows)
 
@@ -188,10 +190,26 @@ async def test_the_range_and_the_filters_choose_the_buckets(counts: str) -> None
     status, out, _ = await report(counts, *MAY_1, "--by=sub_id", "--by=affiliate")
     assert status == 0
     assert [re.split(r"\s{2,}", line) for line in out.splitlines()[2:]] == [
-        ["top", "partner-7", "3,500", "55", "1,200", "800", "66.67%", "130", "3.71%"],
-        ["(none)", "partner-8", "300", "0", "300", "300", "100.00%", "3", "1.00%"],
-        ["(none)", "(none)", "7", "7", "0", "0", "-", "0", "0.00%"],
+        ["top", "partner-7", "3,500", "55", "1,200", "800", "66.67%", "130", "3", "3.71%"],
+        ["(none)", "partner-8", "300", "0", "300", "300", "100.00%", "3", "0", "1.00%"],
+        ["(none)", "(none)", "7", "7", "0", "0", "-", "0", "0", "0.00%"],
     ]
+
+
+async def test_csv_keeps_a_spreadsheet_from_running_a_dimension_as_a_formula(
+    counts: str,
+) -> None:
+    """Dimension values come from the public pixel port: one a spreadsheet would take for a
+    formula is written with a leading quote in CSV, and as it is in JSON."""
+    formula = '=HYPERLINK("http://example.invalid","x")'
+    bucket = datetime(2024, 5, 1, 13, tzinfo=UTC)
+    await insert_counts(counts, [(bucket, formula, "", "-1", "", 5, 0, 0, 0, 0, 0)])
+    flags = (*MAY_1, "--campaign", formula, "--by=campaign", "--by=affiliate")
+    status, out, _ = await report(counts, *flags, "--format=csv")
+    assert status == 0
+    assert list(csv.reader(io.StringIO(out)))[1][:3] == ["'" + formula, "'-1", "5"]
+    status, out, _ = await report(counts, *flags, "--format=json")
+    assert [(row["campaign"], row["affiliate"]) for row in orjson.loads(out)] == [(formula, "-1")]
 
 
 async def test_an_empty_range_says_so_and_prints_an_empty_report(counts: str) -> None:
@@ -204,7 +222,7 @@ async def test_an_empty_range_says_so_and_prints_an_empty_report(counts: str) ->
     status, out, err = await report(counts, *empty, "--format=csv", "--by=hour")
     assert (status, err) == (0, message)
     assert out.splitlines() == [
-        "hour,impressions,givt_impressions,measurable,viewable,viewability_rate,clicks,ctr"
+        "hour,impressions,givt_impressions,measurable,viewable,viewability_rate,clicks,givt_clicks,ctr"
     ]
     status, _, err = await report(counts, *MAY_1, "--campaign=nothing")
     assert err.endswith("2024-05-02T00:00:00Z, campaign = 'nothing'\n")
@@ -267,7 +285,7 @@ def test_the_embedded_database_is_started_for_the_report_and_left_as_found(
     # Not running: the report starts it, and stops it after.
     result = run_cli(f"--data-dir={data}", *MAY_1, "--format=csv")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[1].startswith("summer,2000,40,0,0,,100,0.05")
+    assert result.stdout.splitlines()[1].startswith("summer,2000,40,0,0,,100,2,0.05")
     assert not postgres.running()
     # Running (a server uses it): the report uses it and leaves it running.
     postgres.start()
