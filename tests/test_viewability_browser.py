@@ -371,3 +371,106 @@ async def test_a_browser_without_intersection_observer_sends_nothing_and_breaks_
     assert await visit.counts() == {}
     rows = await fetch(visit.database, "SELECT creative, impressions FROM pixel_counts")
     assert [tuple(row) for row in rows] == [("old", 1)]  # the pixel itself still counts
+
+
+def targeting(visit: Visit, crid: str, slot: str) -> str:
+    """The snippet for creative ``crid``, measuring the element ``slot`` names."""
+    return snippet(
+        visit.pixel.base_url,
+        Dimensions("view", crid, "aff-" + crid, "sub-" + crid),
+        cache_buster=str(random.getrandbits(48)),
+        target=slot,
+    )
+
+
+async def restyle(visit: Visit, element: str, style: str) -> None:
+    await visit.page.evaluate(
+        "([id, style]) => document.getElementById(id).setAttribute('style', style)",
+        [element, style],
+    )
+
+
+@bounded
+async def test_an_empty_slot_filled_later_is_measured_at_its_size(visit: Visit) -> None:
+    """An ad slot the creative fills after the script runs: of no size at first (so never in
+    view, whatever the observer's ratio), then 300x250 fully in view, which no threshold
+    crossing reports; the resize is measured."""
+    await visit.show(
+        '<div class="ad" id="slot" style="top:0;left:0;width:300px;height:0"></div>',
+        targeting(visit, "slot", "#slot"),
+    )
+    await asyncio.sleep(0.5)
+    await restyle(visit, "slot", "top:0;left:0;width:300px;height:250px")
+    await asyncio.sleep(1.5)
+    assert visit.beacons.events() == ["m", "v"]
+    assert await visit.counts() == {"slot": (1, 1)}
+
+
+@bounded
+async def test_a_resize_across_the_large_creative_size_changes_the_share_needed(
+    visit: Visit,
+) -> None:
+    """40% in view: a 300x250 creative widened to 970x250 (242,500 px^2) now needs 30% and is
+    viewable; a 970x250 one narrowed to 300x250 within its second now needs 50% and is not."""
+    top = visible_from(0.4)
+    await visit.show(
+        visit.creative("grown", top=top, width=300),
+        visit.creative("shrunk", top=top, left=320, width=970),
+    )
+    await asyncio.sleep(0.5)
+    await restyle(visit, "grown", f"top:{top}px;left:0;width:970px;height:250px")
+    await restyle(visit, "shrunk", f"top:{top}px;left:1000px;width:300px;height:250px")
+    await asyncio.sleep(1.5)
+    assert await visit.counts() == {"grown": (1, 1), "shrunk": (1, 0)}
+
+
+@bounded
+async def test_a_creative_hidden_by_style_is_not_viewable_until_shown(visit: Visit) -> None:
+    """In the viewport, but with none of its pixels on screen: visibility:hidden, or an
+    ancestor at opacity 0. The first is shown after 1.2 s and counts a second later."""
+    invisible = visit.creative("invisible", top=0)
+    transparent = visit.creative("transparent", top=0, left=320)
+    await visit.show(
+        invisible.replace('style="', 'style="visibility:hidden;', 1),
+        f'<div style="opacity:0">{transparent}</div>',
+    )
+    await asyncio.sleep(1.2)
+    await restyle(visit, "invisible", "top:0;left:0;width:300px;height:250px")
+    await asyncio.sleep(1.5)
+    assert visit.beacons.events("invisible") == ["m", "v"]
+    assert await visit.counts() == {"invisible": (1, 1), "transparent": (1, 0)}
+
+
+@bounded
+async def test_a_video_creative_without_a_player_is_not_measurable(visit: Visit) -> None:
+    """Its play cannot be measured (a player in a cross-origin frame, say): nothing is sent,
+    rather than counting it viewable after 2 s in view."""
+    await visit.show(visit.creative("playerless", top=0, width=400, height=300, video=True))
+    await asyncio.sleep(2.6)
+    assert visit.beacons.sent == []
+    assert await visit.counts() == {}
+
+
+@bounded
+async def test_a_video_that_buffers_is_not_playing(visit: Visit) -> None:
+    """Stalled for data (``waiting``, readyState under HAVE_FUTURE_DATA), a video does not
+    play, though not paused: the clock stops, and starts again when it plays on."""
+    video = '<video muted playsinline width="400" height="300"></video>'
+    await visit.show(
+        visit.creative("playing", top=0, width=400, height=300, video=True, inside=video),
+        PLAY_VIDEO,
+    )
+    await asyncio.sleep(1.0)
+    stall = (
+        "v => { Object.defineProperty(v, 'readyState', {configurable: true, get: () => 2});"
+        " v.dispatchEvent(new Event('waiting')); }"
+    )
+    await visit.page.eval_on_selector("#playing video", stall)
+    await asyncio.sleep(1.5)  # 2.5 s in view, but not 2 s of play
+    assert visit.beacons.events("playing") == ["m"]
+    await visit.page.eval_on_selector(
+        "#playing video", "v => { delete v.readyState; v.dispatchEvent(new Event('playing')); }"
+    )
+    await asyncio.sleep(2.6)
+    assert visit.beacons.events("playing") == ["m", "v"]
+    assert await visit.counts() == {"playing": (1, 1)}

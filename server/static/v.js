@@ -4,10 +4,12 @@
 // data-target names by CSS selector. Sends `measurable` once, when it can measure, and
 // `viewable` once, when at least 50% of the creative's pixels (30% for creatives of
 // 242,500 px^2 or more) have been in the viewport of a visible tab for 1 continuous second;
-// data-format="video" selects the video rule, 50% for 2 continuous seconds of play. The clock
-// restarts whenever the creative drops under the threshold, the tab is hidden or the video
-// stops. A prerendered page measures nothing until it is shown. Events go to v.gif beside
-// this script: navigator.sendBeacon (POST), else an image request (GET).
+// data-format="video" selects the video rule, 50% for 2 continuous seconds of play, and a
+// video is measurable once its <video> element is found. The clock restarts whenever the
+// creative drops under the threshold, is hidden by style (visibility, opacity 0), the tab is
+// hidden or the video stops or buffers; a resize is measured anew. A prerendered page measures
+// nothing until it is shown. Events go to v.gif beside this script: navigator.sendBeacon
+// (POST), else an image request (GET).
 //
 // ES5 only, and every entry point guarded: it must never throw into the host page, and a
 // browser without IntersectionObserver gets nothing sent. The server strips the comment
@@ -15,6 +17,10 @@
 (function (w, d) {
   var LARGE_AREA = 242500;
   var THRESHOLDS = [0, 0.3, 0.5, 1];
+  // How often, while the creative is in view, what the observer does not see is looked at.
+  var RECHECK_MS = 100;
+  // A video's readyState once it has data for the frames ahead (HAVE_FUTURE_DATA).
+  var CAN_PLAY = 3;
 
   // Runs f, swallowing any error: the host page must never see one of ours.
   function guard(f) {
@@ -54,8 +60,11 @@
     var ratio = 0;
     var area = 0;
     var timer = 0;
+    var watch = 0;
+    var measurable = 0;
     var done = 0;
     var observer;
+    var resizes;
 
     function send(event) {
       var sent = false;
@@ -70,44 +79,91 @@
       return el.tagName == 'VIDEO' ? el : el.querySelector('video');
     }
 
-    function meetsRule() {
-      var p = video && player();
+    // What the observer sees: enough of the creative's area in the viewport of a visible tab.
+    function inView() {
       var threshold = !video && area >= LARGE_AREA ? 0.3 : 0.5;
       // Compare the ratio, not isIntersecting, which ignores the threshold. A zero-area
       // element reports a ratio of 1 while it intersects: it is not a creative in view.
-      return area > 0 && ratio >= threshold && !d.hidden && !(p && (p.paused || p.ended));
+      return area > 0 && ratio >= threshold && !d.hidden;
     }
 
-    // Starts the clock when the rule starts being met, stops it when it stops.
+    // What it does not see: pixels hidden by style (visibility, or an opacity of 0 on the
+    // creative or an ancestor) and, for a video, play: not paused, ended or buffering.
+    function seen() {
+      if (w.getComputedStyle(el).visibility == 'hidden') return false;
+      for (var node = el; node && node.nodeType == 1; node = node.parentNode) {
+        if (w.getComputedStyle(node).opacity == '0') return false;
+      }
+      var p = video && player();
+      return !video || (!!p && !p.paused && !p.ended && p.readyState >= CAN_PLAY);
+    }
+
+    // Measurable once it can measure: at once for a display creative, once its player is
+    // found for a video (play cannot be measured without one).
+    function measuring() {
+      if (!measurable && (!video || player())) {
+        measurable = 1;
+        send('m');
+      }
+    }
+
+    function observed(entries) {
+      if (!entries.length) return;
+      var entry = entries[entries.length - 1];
+      var box = entry.boundingClientRect;
+      ratio = entry.intersectionRatio;
+      area = box.width * box.height;
+    }
+
+    // Starts the clock when the rule starts being met, stops it when it stops. While the
+    // creative is in view, what the observer does not see is looked at every RECHECK_MS.
     var update = guard(function () {
       if (done) return;
-      if (!meetsRule()) {
+      measuring();
+      var looking = inView();
+      if (looking && !watch) {
+        watch = setInterval(update, RECHECK_MS);
+      } else if (!looking && watch) {
+        clearInterval(watch);
+        watch = 0;
+      }
+      if (!measurable || !looking || !seen()) {
         clearTimeout(timer);
         timer = 0;
       } else if (!timer) {
         timer = setTimeout(guard(function () {
           timer = 0;
-          if (done || !meetsRule()) return update();
+          // A report the observer has queued, not yet delivered, counts too.
+          observed(observer.takeRecords());
+          if (done || !inView() || !seen()) return update();
           done = 1;
+          clearInterval(watch);
           observer.disconnect();
+          if (resizes) resizes.disconnect();
           send('v');
         }), video ? 2000 : 1000);
       }
     });
 
     function start() {
-      send('m');
       observer = new IntersectionObserver(guard(function (entries) {
-        var entry = entries[entries.length - 1];
-        var box = entry.boundingClientRect;
-        ratio = entry.intersectionRatio;
-        area = box.width * box.height;
+        observed(entries);
         update();
       }), { threshold: THRESHOLDS });
       observer.observe(el);
+      // The observer reports a threshold crossed, never a size changed (an empty slot
+      // filled, a creative grown past LARGE_AREA): on a resize, a fresh report.
+      if (w.ResizeObserver) {
+        resizes = new w.ResizeObserver(guard(function () {
+          observer.unobserve(el);
+          observer.observe(el);
+        }));
+        resizes.observe(el, { box: 'border-box' });
+      }
+      measuring();
       d.addEventListener('visibilitychange', update);
       // Media events do not bubble, but a capturing listener on an ancestor sees them.
-      var media = ['play', 'pause', 'ended'];
+      var media = ['play', 'playing', 'waiting', 'pause', 'ended'];
       for (var i = 0; i < media.length; i++) el.addEventListener(media[i], update, true);
     }
 
