@@ -113,12 +113,13 @@ def signed_click_url(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     """The signed link the click flags describe; exits with a usage error if they are invalid."""
     try:
         secrets = settings.parse_secret(args.secret or os.environ.get("PIXEL_SECRET", ""))
+    except ValueError as error:
+        parser.error(f"--secret / PIXEL_SECRET: {error}")
+    try:
         dimensions = Dimensions(
             *(check_value(v) for v in (args.cid, args.crid, args.aff, args.sub))
         )
         clicks.check_destination(check_value(args.to, clicks.MAX_DESTINATION_BYTES))
-    except ValueError as error:
-        parser.error(f"--secret / PIXEL_SECRET: {error}")
     except Rejected as rejected:
         parser.error(f"invalid value: {rejected.reason}")
     if not secrets:

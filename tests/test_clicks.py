@@ -75,6 +75,7 @@ def test_signature_covers_every_field_and_rotation_accepts_listed_secrets() -> N
         "https:///no-host",
         "https://evil.example\\@shop.example/",
         "https://shop.example/a b",
+        "https://xn--/",  # a host IDNA cannot encode
     ],
 )
 def test_only_absolute_http_urls_are_destinations(to: str) -> None:
@@ -136,6 +137,7 @@ async def test_invalid_links_get_400_a_short_page_and_no_redirect(
         assert status == 400, reason
         assert "Location" not in headers, reason
         assert headers["Content-Type"] == "text/html; charset=utf-8"
+        assert headers["X-Content-Type-Options"] == "nosniff"
         assert b"not valid" in body and len(body) < 300
     metrics = await scrape(server)
     for reason in cases:
@@ -143,6 +145,43 @@ async def test_invalid_links_get_400_a_short_page_and_no_redirect(
     assert server.terminate() == 0
     assert await totals_by_key(database) == {}
     assert SECRET not in server.log()
+
+
+async def test_an_expiry_is_read_only_as_it_was_signed(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    """``int()`` reads ``+T``, ``0T`` and ``T`` with underscores as the same number: each
+    another link under one signature. Only the digits as signed are taken."""
+    server = pixel_server(f"--dsn={database}", f"--secret={SECRET}")
+    good = link(server)
+    exp = good.partition("&exp=")[2].partition("&")[0]
+    spellings = [f"%2B{exp}", f"0{exp}", f"{exp[:4]}_{exp[4:]}", f"%20{exp}"]
+    for spelling in spellings:
+        status, headers, _ = await get(good.replace(f"&exp={exp}", f"&exp={spelling}"))
+        assert (status, "Location" in headers) == (400, False), spelling
+    assert (await get(good))[0] == 302
+    metrics = await scrape(server)
+    assert metric(metrics, "pixel_rejected_requests_total", 'reason="bad_expiry"') == 4
+    assert server.terminate() == 0
+
+
+async def test_the_redirect_is_the_signed_destination_byte_for_byte(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    """A deep link whose query carries an encoded URL, or whose path has encoded dots, is
+    a destination that may check its own signature over the raw string: it gets exactly
+    what was signed. One with non-ASCII characters is encoded, as a header must be."""
+    server = pixel_server(f"--dsn={database}", f"--secret={SECRET}")
+    for to in (
+        "https://shop.example/deep?u=http%3A%2F%2Fx.example%3Fa%3D1&s=AbC%2F",
+        "https://shop.example/%2e%2e/p?%7Euser",
+    ):
+        status, headers, _ = await get(link(server, to=to))
+        assert (status, headers["Location"]) == (302, to)
+    status, headers, _ = await get(link(server, to="https://bücher.example/straße?q=é"))
+    assert status == 302
+    assert headers["Location"] == "https://xn--bcher-kva.example/stra%C3%9Fe?q=%C3%A9"
+    assert server.terminate() == 0
 
 
 async def test_without_a_secret_clicks_are_refused(
@@ -208,6 +247,9 @@ async def test_sign_click_prints_a_link_the_server_honours(
 
     refused = subprocess.run(command, capture_output=True, text=True, env={"PIXEL_SECRET": ""})
     assert refused.returncode == 2 and "a secret is needed" in refused.stderr
+    bad_host = [*command[:-1], "--to=https://xn--/"]
+    refused = subprocess.run(bad_host, capture_output=True, text=True, env={"PIXEL_SECRET": SECRET})
+    assert refused.returncode == 2 and "invalid value: bad_destination" in refused.stderr
     short = subprocess.run(command, capture_output=True, text=True, env={"PIXEL_SECRET": "short"})
     assert short.returncode == 2 and "at least 16 characters" in short.stderr
     assert "short" not in short.stderr.replace("at least", "")
