@@ -64,20 +64,27 @@ def main() -> None:
     parser.add_argument(
         "--no-brin", action="store_true", help="drop the BRIN index first: the plans without it"
     )
+    parser.add_argument(
+        "--view-indexes",
+        action="store_true",
+        help="add the README's BRIN indexes on the views' hours and days",
+    )
     args = parser.parse_args()
     if args.dsn:
-        asyncio.run(explain(args.dsn, args.rows, args.days, args.no_brin))
+        asyncio.run(explain(args.dsn, args.rows, args.days, args.no_brin, args.view_indexes))
         return
     with tempfile.TemporaryDirectory(prefix="pixel-explain-") as folder:
         postgres = EmbeddedPostgres(Path(folder))
         postgres.start()
         try:
-            asyncio.run(explain(postgres.dsn, args.rows, args.days, args.no_brin))
+            asyncio.run(
+                explain(postgres.dsn, args.rows, args.days, args.no_brin, args.view_indexes)
+            )
         finally:
             postgres.stop()
 
 
-async def explain(dsn: str, rows: int, days: int, no_brin: bool) -> None:
+async def explain(dsn: str, rows: int, days: int, no_brin: bool, view_indexes: bool) -> None:
     """Works in a schema of its own, dropped at the end, so any database will do."""
     schema = "pixel_explain_" + uuid.uuid4().hex[:8]
     connection = await asyncpg.connect(dsn, command_timeout=None)
@@ -86,6 +93,8 @@ async def explain(dsn: str, rows: int, days: int, no_brin: bool) -> None:
         end = await generate(connection, rows, days)
         if no_brin:
             await connection.execute("DROP INDEX pixel_counts_bucket_brin")
+        if view_indexes:
+            await connection.execute(VIEW_INDEXES)
         print(await connection.fetchval("SELECT version()"))
         for setting in ("shared_buffers", "work_mem", "max_parallel_workers_per_gather"):
             print(f"{setting} = {await connection.fetchval(f'SHOW {setting}')}")
@@ -180,6 +189,25 @@ def queries(end: datetime) -> Iterator[tuple[str, str, list[Any]]]:
     step = timedelta(seconds=dashboard.choose_step(6, 60))
     yield "operator page, 6 h: the chart and totals", dashboard.SERIES, [six_hours, end, step]
     yield "operator page, 6 h: the top lists", dashboard.TOP_LISTS, [six_hours, end, dashboard.TOP]
+    # The README's SQL example on the operators' view: affiliates by reach, yesterday.
+    yesterday = end.replace(hour=0, minute=0, second=0, microsecond=0) - day
+    yield "pixel_daily, yesterday's affiliates", YESTERDAYS_AFFILIATES, [yesterday]
+
+
+# The indexes the README offers operators who filter the views by hour or day.
+VIEW_INDEXES = """
+CREATE INDEX pixel_counts_hour_brin ON pixel_counts
+    USING brin ((date_trunc('hour', bucket AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'))
+    WITH (autosummarize = on);
+CREATE INDEX pixel_counts_day_brin ON pixel_counts
+    USING brin ((date_trunc('day', bucket AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'))
+    WITH (autosummarize = on);
+"""
+YESTERDAYS_AFFILIATES = """
+SELECT affiliate, sum(impressions) AS impressions
+FROM pixel_daily WHERE day = $1
+GROUP BY affiliate ORDER BY impressions DESC LIMIT 20
+"""
 
 
 async def show(connection: Any, title: str, sql: str, params: list[Any]) -> None:
