@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+import yarl
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from _fastcount import Counters
 from server import clicks, dashboard, health, loop_lag, pixel, viewability
@@ -105,7 +108,9 @@ def make_admin_app(
     with several worker processes, ``server.metrics.merge`` of every worker's
     ``Metrics.snapshot()``, so that ``/metrics`` and the page cover them all.
     """
-    admin = web.Application()
+    admin = web.Application(
+        middlewares=[_loopback_names(config.admin_names)] if _loopback(config.admin_host) else []
+    )
     admin[CONFIG] = config
     admin[DSN] = dsn
     admin[METRICS_SNAPSHOT] = metrics_snapshot
@@ -120,3 +125,41 @@ def make_admin_app(
     admin.router.add_get("/metrics", metrics_page)
     dashboard.setup(admin)
     return admin
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 in brackets or not) is this machine's
+    loopback."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _loopback_names(also: Sequence[str]) -> Middleware:
+    """On an admin port that listens on loopback only, a request over TCP must name the
+    loopback in its Host, or one of ``also`` (``--admin-names``). A web page the operator
+    visits could otherwise point a name of its own at 127.0.0.1 (DNS rebinding) and read the
+    counts and metrics through the operator's browser. (The supervisor asks its workers over
+    Unix sockets, which this leaves be.)"""
+
+    @web.middleware
+    async def loopback_names(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if isinstance(request.transport and request.transport.get_extra_info("peername"), tuple):
+            try:
+                name = yarl.URL(f"http://{request.host}").host or ""
+            except ValueError:  # no host at all
+                name = ""
+            if not (_loopback(name) or name.lower() in also):
+                return web.Response(
+                    status=421,
+                    text="this admin port answers to 127.0.0.1, [::1], localhost and"
+                    " --admin-names only\n",
+                    headers={"Cache-Control": "no-store"},
+                )
+        return await handler(request)
+
+    return loopback_names

@@ -72,6 +72,10 @@ def _optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 
 
+def _host_names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip().lower() for part in text.split(",") if part.strip())
+
+
 MIN_SECRET_LENGTH = 16
 
 
@@ -95,6 +99,12 @@ class Config:
     port: int = _setting(8080, _port, "pixel port: /i.gif, /healthz, /readyz")
     admin_host: str = _setting("127.0.0.1", str, "address of the admin port (keep it private)")
     admin_port: int = _setting(9100, _port, "admin port: /metrics and the operator page")
+    admin_names: tuple[str, ...] = _setting(
+        (),
+        _host_names,
+        "more Host names the admin port answers to while it listens on loopback (a reverse"
+        " proxy's that passes its own), comma-separated",
+    )
     dsn: str = _setting(
         "",
         check_dsn,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from tests.browser import chromium, new_context
 from tests.harness import DatabaseProxy, PixelServer, insert_counts
@@ -172,4 +173,34 @@ async def test_the_page_and_its_data_answer_as_an_admin_page_should(
             assert answer.status == 400
         async with session.get(f"{server.base_url}/") as answer:
             assert answer.status == 404  # never on the public port
+    assert server.terminate() == 0
+
+
+async def test_the_admin_port_on_loopback_answers_only_to_loopback_names(
+    pixel_server: Callable[..., PixelServer], database: str
+) -> None:
+    """DNS rebinding: a page the operator visits points a name of its own at 127.0.0.1 and
+    reads the admin port through the operator's browser, its Host header that name. The port
+    listens on loopback, so it answers to loopback names only, and to those a reverse proxy
+    in front of it passes, once named (``--admin-names``)."""
+    server = pixel_server(f"--dsn={database}", "--admin-names=Dash.Example, ops.example")
+    await wait_ready(server)  # the schema made: the summary reads it
+    port = URL(server.admin_url).port
+    async with aiohttp.ClientSession() as session:
+        for host, status in [
+            (f"127.0.0.1:{port}", 200),
+            (f"localhost:{port}", 200),
+            (f"[::1]:{port}", 200),
+            (f"rebound.example:{port}", 421),
+            ("rebound.example", 421),
+            (f"127.0.0.1.rebound.example:{port}", 421),
+            ("dash.example", 200),
+            (f"OPS.example:{port}", 200),
+        ]:
+            for path in ("/", "/api/summary", "/metrics"):
+                headers = {"Host": host}
+                async with session.get(f"{server.admin_url}{path}", headers=headers) as answer:
+                    assert answer.status == status, (host, path)
+                    if status == 421:
+                        assert "pixel" not in await answer.text()
     assert server.terminate() == 0

@@ -61,7 +61,7 @@ async def send_admin(server: PixelServer) -> bytes:
     answer = await asyncio.to_thread(
         exchange,
         server.admin_port,
-        b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     )
     return split(answer)[2]
 
