@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvloop
 from aiohttp import web
@@ -81,6 +82,17 @@ def _serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return serve(config)
 
 
+def _base_url(text: str) -> str:
+    """The pixel server's public address: http or https, a host, no query or fragment (the
+    links and the snippet add their own paths and queries to it)."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(
+            f"not an http(s) address such as https://px.example: {text!r}"
+        )
+    return text
+
+
 def add_click_arguments(parser: argparse.ArgumentParser, *, required_to: bool) -> None:
     """The flags of a signed click link: dimensions, destination, expiry, secret."""
     for flag, meaning in (
@@ -91,7 +103,10 @@ def add_click_arguments(parser: argparse.ArgumentParser, *, required_to: bool) -
     ):
         parser.add_argument(flag, default="", help=meaning)
     parser.add_argument(
-        "--base-url", required=True, help="public address of the pixel server, https://..."
+        "--base-url",
+        required=True,
+        type=_base_url,
+        help="public address of the pixel server, https://...",
     )
     parser.add_argument("--to", required=required_to, help="destination URL (http or https)")
     parser.add_argument(

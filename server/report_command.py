@@ -15,7 +15,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
@@ -113,6 +113,8 @@ def query_from(args: argparse.Namespace, now: datetime) -> Query:
     """The query the flags ask for; ``ValueError`` names what is wrong."""
     if args.start is not None and args.since is not None:
         raise ValueError("give --since or --from, not both")
+    if args.descending is not None and args.sort is None:
+        raise ValueError("--asc and --desc turn the order of --sort: give --sort too")
     end = parse_time(args.end, "--to") if args.end is not None else now
     if args.start is not None:
         start = parse_time(args.start, "--from")
@@ -124,6 +126,13 @@ def query_from(args: argparse.Namespace, now: datetime) -> Query:
             raise ValueError(
                 f"--since: {args.since} before {end.date().isoformat()} is before year 1"
             ) from None
+    day = timedelta(days=1)
+    if args.end is not None and _is_date(args.end) and end <= start < end + day:
+        # --from D --to D: the range ends where D begins.
+        raise ValueError(
+            f"the range is empty: --to is where it ends, not included; --to"
+            f" {(end + day).date().isoformat()} takes in {end.date().isoformat()}"
+        )
     return Query(
         start=start,
         end=end,
@@ -152,6 +161,15 @@ def parse_duration(text: str) -> timedelta:
         return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
     except OverflowError:
         raise ValueError(f"--since: {text!r} is longer than any time span") from None
+
+
+def _is_date(text: str) -> bool:
+    """Whether ``text`` is a date alone (2024-05-01), no time of day."""
+    try:
+        date.fromisoformat(text.strip())
+    except ValueError:
+        return False
+    return True
 
 
 def parse_time(text: str, flag: str) -> datetime:

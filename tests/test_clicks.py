@@ -247,6 +247,12 @@ async def test_sign_click_prints_a_link_the_server_honours(
 
     refused = subprocess.run(command, capture_output=True, text=True, env={"PIXEL_SECRET": ""})
     assert refused.returncode == 2 and "a secret is needed" in refused.stderr
+    for base_url in ("px.example", "https://px.example/?x=1", "ftp://px.example"):
+        bad_base = [PIXEL_SERVER, "sign-click", f"--base-url={base_url}", f"--to={SHOP}"]
+        refused = subprocess.run(
+            bad_base, capture_output=True, text=True, env={"PIXEL_SECRET": SECRET}
+        )
+        assert refused.returncode == 2 and "--base-url: not an http(s) address" in refused.stderr
     bad_host = [*command[:-1], "--to=https://xn--/"]
     refused = subprocess.run(bad_host, capture_output=True, text=True, env={"PIXEL_SECRET": SECRET})
     assert refused.returncode == 2 and "invalid value: bad_destination" in refused.stderr

@@ -258,6 +258,11 @@ async def test_an_unreachable_database_is_one_line_without_the_password() -> Non
         (["--since=1h", "--from=2024-05-01"], "give --since or --from, not both"),
         (["--from=yesterday"], "--from: not an ISO 8601 time"),
         (["--from=2024-05-02", "--to=2024-05-01"], "the range is empty"),
+        (
+            ["--from=2024-05-01", "--to=2024-05-01"],
+            "--to is where it ends, not included; --to 2024-05-02 takes in 2024-05-01",
+        ),
+        (["--desc"], "--asc and --desc turn the order of --sort: give --sort too"),
         (["--sort=hour"], "cannot sort by hour"),
         (["--top=0"], "top must be at least 1"),
         (["--since=10000000d"], "is before year 1"),
