@@ -72,8 +72,12 @@ def _optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 
 
+def _comma_separated(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _host_names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    return tuple(name.lower() for name in _comma_separated(text))
 
 
 MIN_SECRET_LENGTH = 16
@@ -81,7 +85,7 @@ MIN_SECRET_LENGTH = 16
 
 def parse_secret(text: str) -> tuple[str, ...]:
     """Comma-separated secrets: the first signs, every one verifies. Never echoed back."""
-    secrets = tuple(part.strip() for part in text.split(",") if part.strip())
+    secrets = _comma_separated(text)
     if any(len(secret) < MIN_SECRET_LENGTH for secret in secrets):
         raise ValueError(f"each secret must be at least {MIN_SECRET_LENGTH} characters long")
     return secrets
