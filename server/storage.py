@@ -34,25 +34,77 @@ CREATE TEMPORARY TABLE IF NOT EXISTS pixel_staging (
 ) ON COMMIT DELETE ROWS
 """
 
+_KEY = "bucket, campaign, creative, affiliate, sub_id"
+_ROW_KEY = "(c.bucket, c.campaign, c.creative, c.affiliate, c.sub_id)"
+_INSERT = f"""
+INSERT INTO pixel_counts AS c ({", ".join(TABLE_COLUMNS)})
+SELECT {", ".join(TABLE_COLUMNS)} FROM pixel_staging"""
+_ON_CONFLICT = f"""
+ON CONFLICT ({_KEY}) DO UPDATE SET
+    {", ".join(f"{column} = c.{column} + excluded.{column}" for column in COUNT_COLUMNS)}"""
+
 # One statement merges the whole batch. Its keys are distinct (one window's rows), and they come
 # in key order, the order of the primary key: the engine sorts them, COPY stores them in that
 # order, and the staging table, being temporary, is scanned in it. So the inserts walk the index
 # in order, and concurrent writers lock rows in one order and never deadlock. (Were the order
 # ever lost, the worst case is a deadlock, which PostgreSQL breaks and the flusher retries.)
-_MERGE = """
-INSERT INTO pixel_counts AS c (bucket, campaign, creative, affiliate, sub_id, impressions,
-                               givt_impressions, measurable, viewable, clicks, givt_clicks)
-SELECT bucket, campaign, creative, affiliate, sub_id, impressions,
-       givt_impressions, measurable, viewable, clicks, givt_clicks
-FROM pixel_staging
-ON CONFLICT (bucket, campaign, creative, affiliate, sub_id) DO UPDATE SET
-    impressions      = c.impressions      + excluded.impressions,
-    givt_impressions = c.givt_impressions + excluded.givt_impressions,
-    measurable       = c.measurable       + excluded.measurable,
-    viewable         = c.viewable         + excluded.viewable,
-    clicks           = c.clicks           + excluded.clicks,
-    givt_clicks      = c.givt_clicks      + excluded.givt_clicks
+_MERGE = _INSERT + _ON_CONFLICT
+
+# The batch's key range in the table: its first key, $1-$5, to its last, $6-$10.
+_IN_RANGE = f"{_ROW_KEY} >= ($1, $2, $3, $4, $5) AND {_ROW_KEY} <= ($6, $7, $8, $9, $10)"
+
+# A dense batch, whose key range in the table holds its keys and few others, is merged in one
+# pass over that range, in step with the staging table sorted (a merge join): a row costs
+# less than the merge's search of the primary key for each (1M existing keys through apply()
+# over one connection: 3.1-3.5 s against 4.6-5.0 s). It only updates: a batch with a key
+# that has no row is rolled back and merged as before. So it locks rows in key order, in one
+# pass, as the merge does, and writers still cannot deadlock on each other.
+_MERGE_JOINED = f"""
+UPDATE pixel_counts AS c SET
+    {", ".join(f"{column} = c.{column} + s.{column}" for column in COUNT_COLUMNS)}
+FROM pixel_staging AS s
+WHERE {_ROW_KEY} = (s.bucket, s.campaign, s.creative, s.affiliate, s.sub_id) AND {_IN_RANGE}"""
+
+# The merge join is the one plan left to the planner, whose estimates for a staging table
+# without statistics are guesses: the staging table sorted, the primary key read over the
+# range. The sort takes twice the batch's bytes, in memory. No JIT: before PostgreSQL 18 a
+# disabled plan costs ten billion, enough to compile every statement (360 ms for a batch of
+# 40 rows on PostgreSQL 15, EXPLAIN ANALYZE).
+_MERGE_JOIN_PLAN = (
+    "SET LOCAL enable_nestloop = off; SET LOCAL enable_hashjoin = off;"
+    " SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off;"
+    " SET LOCAL jit = off; SET LOCAL work_mem = '{}kB'"
+)
+
+# How many rows the table holds in the staged batch's key range ($1-$10), counted up to $12;
+# NULL if the batch's keys are not the range's only ones: for a sample of $11 or so pairs of
+# adjacent staged rows (the first two of evenly spaced pages), whether the table has a key
+# between the two (keys of other writers or other flushes of the bucket, among the batch's;
+# one lookup each). The count shows a block of other keys between two of the batch's
+# (another campaign's, say), and keys of the batch's that have no row.
+_ROWS_IN_RANGE = f"""
+WITH staged AS (
+    SELECT pg_relation_size('pixel_staging') / current_setting('block_size')::int AS pages
+)
+SELECT CASE WHEN EXISTS (
+    SELECT FROM staged, generate_series(0, pages - 1, greatest(pages / $11, 1)) AS page,
+        LATERAL (SELECT * FROM pixel_staging WHERE ctid = format('(%s,1)', page)::tid) AS a,
+        LATERAL (SELECT * FROM pixel_staging WHERE ctid = format('(%s,2)', page)::tid) AS b
+    WHERE EXISTS (
+        SELECT FROM pixel_counts AS c
+        WHERE {_ROW_KEY} > (a.bucket, a.campaign, a.creative, a.affiliate, a.sub_id)
+          AND {_ROW_KEY} < (b.bucket, b.campaign, b.creative, b.affiliate, b.sub_id)
+    )
+) THEN NULL
+ELSE (SELECT count(*) FROM (SELECT FROM pixel_counts AS c WHERE {_IN_RANGE} LIMIT $12) AS r)
+END
 """
+# Pairs sampled; and how many rows of its range, for each of its own, leave a batch dense.
+DENSITY_SAMPLES = 32
+DENSITY_BOUND = 2
+# PostgreSQL 18 ends an index scan at the bound of a row comparison; earlier versions read on
+# to the end of the index (for 56 rows of 100,000: 4 pages read, against 496 on 15).
+MERGE_JOIN_SINCE = 18
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -194,7 +246,7 @@ async def apply(connection: Any, batch: Batch, written: float | None = None) -> 
     the batch's first nor its last key may have a row; and if any other key has one (or gets
     one from another writer meanwhile), the copy fails on it, is rolled back to its
     savepoint, and the batch is merged after all. A batch of existing keys, the usual case
-    for every flush of a bucket but its first, is merged at once."""
+    for every flush of a bucket but its first, is merged at once (:func:`merge_staged`)."""
     async with connection.transaction():
         if written is not None:
             horizon = await connection.fetchval(
@@ -223,20 +275,53 @@ async def apply(connection: Any, batch: Batch, written: float | None = None) -> 
             except asyncpg.UniqueViolationError:
                 pass  # a key has a row: merge
         await connection.copy_to_table("pixel_staging", source=copy_file(batch), format="binary")
-        await connection.execute(_MERGE)
+        await merge_staged(connection, batch)
     return True
 
 
-async def first_and_last_are_new(connection: Any, batch: Batch) -> bool:
-    """Whether the batch's first and last keys have no row: then its keys look new."""
+def key_range(batch: Batch) -> list[Any] | None:
+    """The batch's first and last keys, as a statement's ten arguments; None for a bucket past
+    Python's datetime (year 9999)."""
     keys = []
     for micros, *dimensions in (batch.first_key(), batch.last_key()):
         try:
             bucket = _POSTGRES_EPOCH + datetime.timedelta(microseconds=micros)
         except OverflowError:
-            return False  # past Python's datetime (year 9999): merged, with no probe
+            return None
         keys += [bucket, *dimensions]
-    return not await connection.fetchval(_EITHER_EXISTS, *keys)
+    return keys
+
+
+async def first_and_last_are_new(connection: Any, batch: Batch) -> bool:
+    """Whether the batch's first and last keys have no row: then its keys look new."""
+    keys = key_range(batch)
+    return keys is not None and not await connection.fetchval(_EITHER_EXISTS, *keys)
+
+
+async def merge_staged(connection: Any, batch: Batch) -> bool:
+    """Merges the staged batch into the table, in the transaction under way: merge-joined if it
+    is dense there and its keys all have rows, else key by key. Returns whether it was
+    merge-joined."""
+    keys = key_range(batch)
+    if keys is not None and connection.get_server_version().major >= MERGE_JOIN_SINCE:
+        await connection.execute(_MERGE_JOIN_PLAN.format(max(4096, len(batch.tuples) >> 9)))
+        bound = DENSITY_BOUND * batch.rows
+        rows = await connection.fetchval(_ROWS_IN_RANGE, *keys, DENSITY_SAMPLES, bound)
+        if rows is not None and batch.rows <= rows < bound:
+            try:
+                async with connection.transaction():  # a savepoint
+                    updated = await connection.execute(_MERGE_JOINED, *keys)
+                    if updated != f"UPDATE {batch.rows}":
+                        raise _KeyWithoutRow
+                return True
+            except _KeyWithoutRow:
+                pass  # rolled back: merged key by key
+    await connection.execute(_MERGE)
+    return False
+
+
+class _KeyWithoutRow(Exception):
+    """A merge join found no row for one of the batch's keys."""
 
 
 # A batch goes to the server in pieces of this size. asyncpg copies each into a message buffer

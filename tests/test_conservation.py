@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -19,7 +19,7 @@ from server import batch, storage
 from server.flusher import Flusher
 from server.metrics import Metrics
 from server.spool import Spool
-from tests.harness import PixelServer, batch_of, fetch, totals_by_key
+from tests.harness import PixelServer, Row, batch_of, fetch, totals_by_key
 
 REQUESTS = 20_000
 CONCURRENCY = 32
@@ -196,6 +196,94 @@ async def test_a_batch_of_new_keys_is_copied_and_one_with_any_existing_key_merge
         (3600, campaign, 6 if campaign in existing else 1, 2, 1, int(campaign in existing))
         for campaign in campaigns
     ]
+
+
+def affiliates(*names: str) -> list[Row]:
+    """One impression for each of these affiliates, of one campaign in one bucket."""
+    return [(3600, "c", "", name, "", 1, 0, 0, 0, 0, 0) for name in names]
+
+
+async def merged(connection: asyncpg.Connection, rows: list[Row]) -> bool:
+    """Stages a batch of these rows and merges it in a transaction of its own; returns whether
+    it was merge-joined."""
+    staged = batch_of(*rows)
+    async with connection.transaction():
+        await connection.copy_to_table(
+            "pixel_staging", source=storage.copy_file(staged), format="binary"
+        )
+        return await storage.merge_staged(connection, staged)
+
+
+# A batch of 100 keys, aff-00000, aff-00010, ... aff-00990.
+OURS = [f"aff-{10 * n:05}" for n in range(100)]
+
+
+@pytest.mark.parametrize(
+    ("stored", "others", "joined"),
+    [
+        # The batch's keys all have rows: merge-joined.
+        (range(100), [], True),
+        # Some of its keys are new, in the middle: key by key.
+        ([*range(40), *range(60, 100)], [], False),
+        # Another writer's key among the batch's (between its first two): key by key.
+        (range(100), ["aff-00005"], False),
+        # A block of others' keys between two of the batch's, as many as its own: key by key.
+        (range(100), [f"aff-00500-{n:03}" for n in range(100)], False),
+        # ... of fewer than its own: merge-joined.
+        (range(100), [f"aff-00500-{n:03}" for n in range(99)], True),
+        # ... and one of its keys new: the merge join is rolled back, the batch merged key by key.
+        ([*range(50), *range(51, 100)], [f"aff-00500-{n:03}" for n in range(50)], False),
+    ],
+)
+async def test_a_batch_dense_in_the_table_is_merge_joined_and_its_counts_exact(
+    database: str, stored: Sequence[int], others: list[str], joined: bool
+) -> None:
+    connection = await storage.connect(database, 10.0)
+    try:
+        for names in (others, [OURS[n] for n in stored]):
+            if names:
+                assert await storage.apply(connection, batch_of(*affiliates(*names)))
+        joins = connection.get_server_version().major >= storage.MERGE_JOIN_SINCE
+        assert await merged(connection, affiliates(*OURS)) is (joined and joins)
+    finally:
+        await connection.close()
+    expected = dict.fromkeys(others, 1) | {name: 1 + (n in stored) for n, name in enumerate(OURS)}
+    rows = await fetch(database, "SELECT affiliate, impressions FROM pixel_counts")
+    assert dict(rows) == expected
+
+
+async def test_a_merge_join_that_waits_for_another_writers_row_adds_to_it(
+    database: str,
+) -> None:
+    holder = await asyncpg.connect(database)
+    merger = await storage.connect(database, 10.0)
+    try:
+        if merger.get_server_version().major < storage.MERGE_JOIN_SINCE:
+            pytest.skip("this PostgreSQL merges key by key")
+        assert await storage.apply(merger, batch_of(*affiliates(*OURS)))
+        async with holder.transaction():
+            await holder.execute(
+                "UPDATE pixel_counts SET impressions = impressions + 5 WHERE affiliate = $1",
+                OURS[50],
+            )
+            merging = asyncio.create_task(merged(merger, affiliates(*OURS)))
+            waiting = "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1"
+            pid = merger.get_server_pid()
+
+            async def merger_waits() -> bool:
+                return bool(await holder.fetchval(waiting, pid) == "Lock")
+
+            for _ in range(500):
+                if await merger_waits():
+                    break
+                await asyncio.sleep(0.01)
+            assert await merger_waits()  # for the row the holder updated
+        assert await merging  # merge-joined, the holder's update in the row it updated
+    finally:
+        await merger.close()
+        await holder.close()
+    rows = await fetch(database, "SELECT affiliate, impressions FROM pixel_counts")
+    assert dict(rows) == {name: 7 if name == OURS[50] else 2 for name in OURS}
 
 
 async def test_the_probe_finds_a_first_or_last_key_that_has_a_row(database: str) -> None:
