@@ -67,43 +67,53 @@ WHERE {_ROW_KEY} = (s.bucket, s.campaign, s.creative, s.affiliate, s.sub_id) AND
 
 # The merge join is the one plan left to the planner, whose estimates for a staging table
 # without statistics are guesses: the staging table sorted, the primary key read over the
-# range. The sort takes twice the batch's bytes, in memory. No JIT: before PostgreSQL 18 a
-# disabled plan costs ten billion, enough to compile every statement (360 ms for a batch of
-# 40 rows on PostgreSQL 15, EXPLAIN ANALYZE).
+# range. The sort takes twice the batch's bytes ({bytes}), in memory, unless work_mem gives it
+# more. No JIT: a batch of 100,000 rows costs past jit_above_cost, and compiling takes longer
+# than these statements (on PostgreSQL 15, whose disabled plans cost ten billion, it compiled
+# a batch of 40 rows in 360 ms, EXPLAIN ANALYZE).
 _MERGE_JOIN_PLAN = (
     "SET LOCAL enable_nestloop = off; SET LOCAL enable_hashjoin = off;"
-    " SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off;"
-    " SET LOCAL jit = off; SET LOCAL work_mem = '{}kB'"
+    " SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL jit = off;"
+    " SELECT set_config('work_mem', greatest(pg_size_bytes(current_setting('work_mem')),"
+    " {bytes}) / 1024 || 'kB', true)"
 )
 
 # How many rows the table holds in the staged batch's key range ($1-$10), counted up to $12;
-# NULL if the batch's keys are not the range's only ones: for a sample of $11 or so pairs of
-# adjacent staged rows (the first two of evenly spaced pages), whether the table has a key
-# between the two (keys of other writers or other flushes of the bucket, among the batch's;
-# one lookup each). The count shows a block of other keys between two of the batch's
-# (another campaign's, say), and keys of the batch's that have no row.
+# NULL if a sample shows that the range holds other keys too, or that one of the batch's keys
+# has no row. The sample: the first two rows of $11 pages spread over the staging table, pairs
+# of adjacent keys, each pair a key range that must hold exactly the pair (one lookup each).
+# It finds the keys of other writers or of other flushes of the bucket spread among the
+# batch's, and new keys of the batch, in all but small numbers; the count finds a block of
+# other keys between two of the batch's (another campaign's, say), and new keys of the batch
+# where the range holds no other. (After an aborted transaction, the staging table's dead
+# rows are there until the next commit: the pages sampled may then hold fewer pairs.)
 _ROWS_IN_RANGE = f"""
 WITH staged AS (
     SELECT pg_relation_size('pixel_staging') / current_setting('block_size')::int AS pages
+), sampled AS (
+    SELECT DISTINCT n * pages / $11 AS page FROM staged, generate_series(0, $11 - 1) AS n
 )
 SELECT CASE WHEN EXISTS (
-    SELECT FROM staged, generate_series(0, pages - 1, greatest(pages / $11, 1)) AS page,
+    SELECT FROM sampled,
         LATERAL (SELECT * FROM pixel_staging WHERE ctid = format('(%s,1)', page)::tid) AS a,
         LATERAL (SELECT * FROM pixel_staging WHERE ctid = format('(%s,2)', page)::tid) AS b
-    WHERE EXISTS (
-        SELECT FROM pixel_counts AS c
-        WHERE {_ROW_KEY} > (a.bucket, a.campaign, a.creative, a.affiliate, a.sub_id)
-          AND {_ROW_KEY} < (b.bucket, b.campaign, b.creative, b.affiliate, b.sub_id)
-    )
+    WHERE (
+        SELECT count(*) FROM (
+            SELECT FROM pixel_counts AS c
+            WHERE {_ROW_KEY} >= (a.bucket, a.campaign, a.creative, a.affiliate, a.sub_id)
+              AND {_ROW_KEY} <= (b.bucket, b.campaign, b.creative, b.affiliate, b.sub_id)
+            LIMIT 3
+        ) AS pair
+    ) <> 2
 ) THEN NULL
 ELSE (SELECT count(*) FROM (SELECT FROM pixel_counts AS c WHERE {_IN_RANGE} LIMIT $12) AS r)
 END
 """
-# Pairs sampled; and how many rows of its range, for each of its own, leave a batch dense.
-DENSITY_SAMPLES = 32
+# Pages sampled; and how many rows of its range, for each of its own, leave a batch dense.
+DENSITY_SAMPLES = 64
 DENSITY_BOUND = 2
-# PostgreSQL 18 ends an index scan at the bound of a row comparison; earlier versions read on
-# to the end of the index (for 56 rows of 100,000: 4 pages read, against 496 on 15).
+# PostgreSQL 18 ends an index scan at the upper bound of a row comparison; earlier versions
+# read on past it (a range of 56 rows of 100,000 in one bucket: 4 pages read, 496 on 15).
 MERGE_JOIN_SINCE = 18
 
 
@@ -301,10 +311,10 @@ async def first_and_last_are_new(connection: Any, batch: Batch) -> bool:
 async def merge_staged(connection: Any, batch: Batch) -> bool:
     """Merges the staged batch into the table, in the transaction under way: merge-joined if it
     is dense there and its keys all have rows, else key by key. Returns whether it was
-    merge-joined."""
+    merge-joined. The planner settings for the merge join last until the transaction ends."""
     keys = key_range(batch)
     if keys is not None and connection.get_server_version().major >= MERGE_JOIN_SINCE:
-        await connection.execute(_MERGE_JOIN_PLAN.format(max(4096, len(batch.tuples) >> 9)))
+        await connection.execute(_MERGE_JOIN_PLAN.format(bytes=2 * len(batch.tuples)))
         bound = DENSITY_BOUND * batch.rows
         rows = await connection.fetchval(_ROWS_IN_RANGE, *keys, DENSITY_SAMPLES, bound)
         if rows is not None and batch.rows <= rows < bound:

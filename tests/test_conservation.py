@@ -219,32 +219,48 @@ OURS = [f"aff-{10 * n:05}" for n in range(100)]
 
 
 @pytest.mark.parametrize(
-    ("stored", "others", "joined"),
+    ("stored", "others", "tried", "joined"),
     [
         # The batch's keys all have rows: merge-joined.
-        (range(100), [], True),
-        # Some of its keys are new, in the middle: key by key.
-        ([*range(40), *range(60, 100)], [], False),
-        # Another writer's key among the batch's (between its first two): key by key.
-        (range(100), ["aff-00005"], False),
+        (range(100), [], True, True),
+        # Some of its keys are new, in the middle: the range holds fewer rows; key by key.
+        ([*range(40), *range(60, 100)], [], False, False),
+        # Another writer's key between its first two, a pair sampled: key by key.
+        (range(100), ["aff-00005"], False, False),
         # A block of others' keys between two of the batch's, as many as its own: key by key.
-        (range(100), [f"aff-00500-{n:03}" for n in range(100)], False),
+        (range(100), [f"aff-00500-{n:03}" for n in range(100)], False, False),
         # ... of fewer than its own: merge-joined.
-        (range(100), [f"aff-00500-{n:03}" for n in range(99)], True),
-        # ... and one of its keys new: the merge join is rolled back, the batch merged key by key.
-        ([*range(50), *range(51, 100)], [f"aff-00500-{n:03}" for n in range(50)], False),
+        (range(100), [f"aff-00500-{n:03}" for n in range(99)], True, True),
+        # ... and one of its keys new, unsampled: the merge join is rolled back, key by key.
+        ([*range(50), *range(51, 100)], [f"aff-00500-{n:03}" for n in range(50)], True, False),
+        # ... a sampled one (its second): key by key.
+        ([0, *range(2, 100)], [f"aff-00500-{n:03}" for n in range(50)], False, False),
     ],
 )
 async def test_a_batch_dense_in_the_table_is_merge_joined_and_its_counts_exact(
-    database: str, stored: Sequence[int], others: list[str], joined: bool
+    database: str,
+    stored: Sequence[int],
+    others: list[str],
+    tried: bool,
+    joined: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    statements: list[str] = []
+    execute = asyncpg.Connection.execute
+
+    async def noted_execute(self: asyncpg.Connection, query: str, *args: Any) -> Any:
+        statements.append(query)
+        return await execute(self, query, *args)
+
     connection = await storage.connect(database, 10.0)
     try:
         for names in (others, [OURS[n] for n in stored]):
             if names:
                 assert await storage.apply(connection, batch_of(*affiliates(*names)))
         joins = connection.get_server_version().major >= storage.MERGE_JOIN_SINCE
+        monkeypatch.setattr(asyncpg.Connection, "execute", noted_execute)
         assert await merged(connection, affiliates(*OURS)) is (joined and joins)
+        assert (storage._MERGE_JOINED in statements) is (tried and joins)
     finally:
         await connection.close()
     expected = dict.fromkeys(others, 1) | {name: 1 + (n in stored) for n, name in enumerate(OURS)}
