@@ -8,6 +8,8 @@ On a PostgreSQL cluster of its own, with the flusher as the server runs it (two 
 - the longest event-loop stall while the flusher seals and applies windows of 200,000 distinct
   keys, new and then again (a 1 ms ticker measures how late it wakes): once with PostgreSQL
   pinned to a core of its own, as on a machine of its own, and once sharing every core with it;
+  and, as a control, the longest with no flush, PostgreSQL spinning on as many connections for
+  as long as the flushes took: what the machine adds without the flusher's help;
 - the time to seal and apply a window of 1,000,000 new keys (copied straight into the table),
   then the same keys again (every row exists: the merge updates them all, as when a bucket
   spans several flushes);
@@ -31,6 +33,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import orjson
 import uvloop
 
@@ -59,6 +62,8 @@ class Flushes:
     """What :func:`stall_while_flushing` measured."""
 
     stalls_ms: list[float]  # the longest event-loop stall of each flush, in turn
+    # The longest with no flush, the database as busy, as long as they took (if measured).
+    control_ms: float | None
     new_s: float  # median seconds to flush the keys new
     again_s: float  # median seconds to flush the same keys again (every row updated)
     new_cpu_s: float  # PostgreSQL's median CPU seconds for those flushes
@@ -69,17 +74,23 @@ class Flushes:
         return max(self.stalls_ms)
 
     def stalls(self) -> str:
-        """The longest stall, and each flush's (new keys, then again, round by round)."""
+        """The longest stall, each flush's (new keys, then again, round by round), and the
+        control's."""
         each = ", ".join(f"{ms:.1f}" for ms in self.stalls_ms)
-        return f"longest event-loop stall {self.stall_ms:.1f} ms (each flush's: {each})"
+        return (
+            f"longest event-loop stall {self.stall_ms:.1f} ms (each flush's: {each}; with no"
+            f" flush, the database as busy for as long: {self.control_ms} ms)"
+        )
 
 
 async def stall_while_flushing(
-    postgres: EmbeddedPostgres, spool: Path, keys: int, first_bucket: int
+    postgres: EmbeddedPostgres, spool: Path, keys: int, first_bucket: int, control: bool
 ) -> Flushes:
     """Flushes ``keys`` new keys, then the same keys again, as the server does, in ROUNDS
     rounds, each in a bucket of its own from ``first_bucket`` on, while a 1 ms ticker
-    measures how late the event loop wakes."""
+    measures how late the event loop wakes. Then, with ``control``, the ticker alone for as
+    long as the flushes took, while PostgreSQL spins on as many connections: what the machine
+    itself adds to the stall."""
     counters = Counters(max_keys=2 * keys)
     flusher = Flusher(
         counters, postgres.dsn, Metrics(), 1.0, Spool(spool, 1 << 30), 10, CONNECTIONS
@@ -118,16 +129,36 @@ async def stall_while_flushing(
         bucket = first_bucket + 60 * round_number
         new.append(await timed_flush(bucket))
         again.append(await timed_flush(bucket))  # the same keys: every merge is an update
+    control_ms = None
+    if control:
+        worst = 0.0
+        await busy_database(postgres.dsn, sum(seconds for seconds, _ in new + again))
+        control_ms = round(worst * 1000, 1)
     running = False
     await probe
     await flusher.close(5.0)
     return Flushes(
         stalls,
+        control_ms,
         statistics.median(seconds for seconds, _ in new),
         statistics.median(seconds for seconds, _ in again),
         statistics.median(cpu for _, cpu in new),
         statistics.median(cpu for _, cpu in again),
     )
+
+
+async def busy_database(dsn: str, seconds: float) -> None:
+    """Keeps PostgreSQL's backends on CONNECTIONS connections spinning for ``seconds``."""
+    spin = (
+        "DO $$ BEGIN WHILE clock_timestamp() < now() + make_interval(secs => %s) LOOP"
+        " END LOOP; END $$"
+    )
+    connections = [await asyncpg.connect(dsn) for _ in range(CONNECTIONS)]
+    try:
+        await asyncio.gather(*(c.execute(spin % float(seconds)) for c in connections))
+    finally:
+        for connection in connections:
+            await connection.close()
 
 
 async def phases(dsn: str, keys: int) -> tuple[float, float]:
@@ -217,13 +248,19 @@ def measure() -> dict[str, float]:
         try:
             with database_on_its_own_core(postgres):
                 pinned = uvloop.run(
-                    stall_while_flushing(postgres, folder / "p", 200_000, BUCKET - 3600)
+                    stall_while_flushing(postgres, folder / "p", 200_000, BUCKET - 3600, True)
                 )
-            figures.update(stall_ms_200k_own_core=pinned.stall_ms)
+            assert pinned.control_ms is not None
+            figures.update(
+                stall_ms_200k_own_core=pinned.stall_ms,
+                control_stall_ms_own_core=pinned.control_ms,
+            )
             print(f"200,000 keys, PostgreSQL on a core of its own: {pinned.stalls()}")
-            shared = uvloop.run(stall_while_flushing(postgres, folder / "s", 200_000, BUCKET))
+            shared = uvloop.run(stall_while_flushing(postgres, folder / "s", 200_000, BUCKET, True))
+            assert shared.control_ms is not None
             figures.update(
                 stall_ms_200k=shared.stall_ms,
+                control_stall_ms=shared.control_ms,
                 flush_s_200k=shared.new_s,
                 reflush_s_200k=shared.again_s,
             )
@@ -232,7 +269,7 @@ def measure() -> dict[str, float]:
                 f" {shared.new_s:.2f} s, again in {shared.again_s:.2f} s (medians)"
             )
             million = uvloop.run(
-                stall_while_flushing(postgres, folder / "m", 1_000_000, BUCKET + 3600)
+                stall_while_flushing(postgres, folder / "m", 1_000_000, BUCKET + 3600, False)
             )
             figures.update(
                 flush_s_1m=million.new_s,
