@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--since",
         metavar="DURATION",
-        help=f"the last DURATION: 90m, 24h, 7d, 2w (default {DEFAULT_SINCE}; before --to if given)",
+        help=f"the last DURATION: 90m, 24h, 7d, 2w (default {DEFAULT_SINCE}; before --to if given);"
+        " by hour or day, from the start of the hour or day it begins in",
     )
     parser.add_argument(
         "--from",
@@ -121,7 +122,7 @@ def query_from(args: argparse.Namespace, now: datetime) -> Query:
     else:
         since = parse_duration(args.since or DEFAULT_SINCE)
         try:
-            start = end - since
+            start = _whole(end - since, args.by or ())
         except OverflowError:
             raise ValueError(
                 f"--since: {args.since} before {end.date().isoformat()} is before year 1"
@@ -161,6 +162,17 @@ def parse_duration(text: str) -> timedelta:
         return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
     except OverflowError:
         raise ValueError(f"--since: {text!r} is longer than any time span") from None
+
+
+def _whole(start: datetime, by: Sequence[str]) -> datetime:
+    """The start of a ``--since`` range, moved back to the start of its day (UTC) or hour when
+    the report is by day or hour, so that its first row counts a whole one."""
+    start = start.astimezone(UTC)
+    if "day" in by:
+        return start.replace(hour=0, minute=0, second=0, microsecond=0)
+    if "hour" in by:
+        return start.replace(minute=0, second=0, microsecond=0)
+    return start
 
 
 def _is_date(text: str) -> bool:

@@ -170,6 +170,21 @@ async def test_the_range_and_the_filters_choose_the_buckets(counts: str) -> None
         ("spring", 1800),
     ]
     assert await impressions("--since=1d") == [("spring", 50)]  # NOW is 2024-05-03
+    # By hour or day, the range starts where its first hour or day does: a whole first row
+    # (10:00-11:00 holds 1,800, of which 300 after 10:30; 1 May 3,807, of which 2,307 after 10:30).
+    assert await impressions("--since=1h", "--to=2024-05-01T11:30", "--by=hour") == [
+        ("2024-05-01T10:00:00Z", 1800),
+        ("2024-05-01T11:00:00Z", 2000),
+    ]
+    assert await impressions("--since=1d", "--to=2024-05-02T10:30", "--by=day") == [
+        ("2024-05-01", 3807),
+        ("2024-05-02", 50),
+    ]
+    # ... in UTC (from 00:00+02:00 it would take in 30 April's 23:59).
+    assert await impressions("--since=1d", "--to=2024-05-02T12:30+02:00", "--by=day") == [
+        ("2024-05-01", 3807),
+        ("2024-05-02", 50),
+    ]
     # An offset is honoured: 12:00+02:00 is 10:00 UTC.
     assert await impressions("--from=2024-05-01T12:00+02:00", "--to=2024-05-01T10:01Z") == [
         ("spring", 1000)
