@@ -302,6 +302,30 @@ async def test_a_merge_join_that_waits_for_another_writers_row_adds_to_it(
     assert dict(rows) == {name: 7 if name == OURS[50] else 2 for name in OURS}
 
 
+async def test_writers_merge_joining_the_same_keys_at_once_count_each_once(
+    database: str,
+) -> None:
+    rounds = 20
+    first = await storage.connect(database, 10.0)
+    try:
+        assert await storage.apply(first, batch_of(*affiliates(*OURS)))
+        joins = first.get_server_version().major >= storage.MERGE_JOIN_SINCE
+    finally:
+        await first.close()
+
+    async def writer() -> list[bool]:
+        connection = await storage.connect(database, 10.0)
+        try:
+            return [await merged(connection, affiliates(*OURS)) for _ in range(rounds)]
+        finally:
+            await connection.close()
+
+    ways = await asyncio.gather(*(writer() for _ in range(3)))
+    assert all(joined is joins for way in ways for joined in way)
+    rows = await fetch(database, "SELECT affiliate, impressions FROM pixel_counts")
+    assert dict(rows) == dict.fromkeys(OURS, 1 + 3 * rounds)
+
+
 async def test_the_probe_finds_a_first_or_last_key_that_has_a_row(database: str) -> None:
     connection = await storage.connect(database, 10.0)
     try:
