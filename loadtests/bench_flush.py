@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -51,7 +51,12 @@ ROUNDS = 3
 
 
 def fill(counters: Counters, keys: int, bucket: int = BUCKET) -> None:
-    for n in range(keys):
+    add_keys(counters, range(keys), bucket)
+
+
+def add_keys(counters: Counters, numbers: Iterable[int], bucket: int) -> None:
+    """One impression for each key numbered: 50 campaigns, 997 creatives, an affiliate each."""
+    for n in numbers:
         counters.add(
             bucket, f"campaign-{n % 50}", f"creative-{n % 997}", f"aff-{n}", "", IMPRESSIONS
         )

@@ -56,9 +56,9 @@ _IN_RANGE = f"{_ROW_KEY} >= ($1, $2, $3, $4, $5) AND {_ROW_KEY} <= ($6, $7, $8, 
 # A dense batch, whose key range in the table holds its keys and few others, is merged in one
 # pass over that range, in step with the staging table sorted (a merge join): a row costs
 # less than the merge's search of the primary key for each (1M existing keys through apply()
-# over one connection: 3.1-3.5 s against 4.6-5.0 s). It only updates: a batch with a key
-# that has no row is rolled back and merged as before. So it locks rows in key order, in one
-# pass, as the merge does, and writers still cannot deadlock on each other.
+# over one connection: 3.0-3.1 s against 4.5-4.8 s, python -m loadtests.bench_merge). It only
+# updates: a batch with a key that has no row is rolled back and merged as before. So it locks
+# rows in key order, in one pass, as the merge does, and writers still cannot deadlock.
 _MERGE_JOINED = f"""
 UPDATE pixel_counts AS c SET
     {", ".join(f"{column} = c.{column} + s.{column}" for column in COUNT_COLUMNS)}
@@ -113,7 +113,8 @@ END
 DENSITY_SAMPLES = 64
 DENSITY_BOUND = 2
 # PostgreSQL 18 ends an index scan at the upper bound of a row comparison; earlier versions
-# read on past it (a range of 56 rows of 100,000 in one bucket: 4 pages read, 496 on 15).
+# read on past it (EXPLAIN (ANALYZE, BUFFERS) of a count of a range of 56 rows of 100,000 in
+# one bucket: 4 pages read, 496 on 15).
 MERGE_JOIN_SINCE = 18
 
 
@@ -232,11 +233,10 @@ class PastLedgerHorizon(Exception):
 
 
 # Whether either of two keys has a row.
-_EITHER_EXISTS = """
+_EITHER_EXISTS = f"""
 SELECT EXISTS (
     SELECT FROM pixel_counts
-    WHERE (bucket, campaign, creative, affiliate, sub_id)
-          IN (($1, $2, $3, $4, $5), ($6, $7, $8, $9, $10))
+    WHERE ({_KEY}) IN (($1, $2, $3, $4, $5), ($6, $7, $8, $9, $10))
 )
 """
 # Where PostgreSQL's timestamptz counts its microseconds from.
