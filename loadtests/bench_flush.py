@@ -17,6 +17,8 @@ On a PostgreSQL cluster of its own, with the flusher as the server runs it (two 
   which shows how much of the machine the database took;
 - for a window of 1,000,000 new keys, the sealing apart from applying the batches over one
   connection.
+
+``--stalls-only`` measures the 200,000-key stalls alone, with their controls.
 """
 
 from __future__ import annotations
@@ -236,16 +238,19 @@ def _children(parent: int) -> list[int]:
     return found
 
 
-def measure() -> dict[str, float]:
+def measure(stalls_only: bool = False) -> dict[str, float]:
     figures: dict[str, float] = {}
-    # Memory first, in a process that has not freed any heap yet to reuse.
-    counters = Counters(max_keys=2_000_000)
-    fill(counters, 1)
-    before = resident_bytes()
-    fill(counters, 1_000_000)
-    figures["bytes_per_key"] = (resident_bytes() - before) / 1_000_000
-    print(f"resident memory: {figures['bytes_per_key']:.0f} bytes per live key at 1,000,000 keys")
-    del counters
+    if not stalls_only:
+        # Memory first, in a process that has not freed any heap yet to reuse.
+        counters = Counters(max_keys=2_000_000)
+        fill(counters, 1)
+        before = resident_bytes()
+        fill(counters, 1_000_000)
+        figures["bytes_per_key"] = (resident_bytes() - before) / 1_000_000
+        print(
+            f"resident memory: {figures['bytes_per_key']:.0f} bytes per live key at 1,000,000 keys"
+        )
+        del counters
     with tempfile.TemporaryDirectory(prefix="pixel-bench-flush-") as name:
         folder = Path(name)
         postgres = EmbeddedPostgres(folder / "db")
@@ -273,38 +278,48 @@ def measure() -> dict[str, float]:
                 f"200,000 keys, PostgreSQL on every core: {shared.stalls()}; flushed in"
                 f" {shared.new_s:.2f} s, again in {shared.again_s:.2f} s (medians)"
             )
-            million = uvloop.run(
-                stall_while_flushing(postgres, folder / "m", 1_000_000, BUCKET + 3600, False)
-            )
-            figures.update(
-                flush_s_1m=million.new_s,
-                reflush_s_1m=million.again_s,
-                flush_database_cpu_s_1m=million.new_cpu_s,
-                reflush_database_cpu_s_1m=million.again_cpu_s,
-            )
-            print(
-                f"1,000,000 keys: flushed (sealed, copied, merged) in {million.new_s:.2f} s;"
-                f" the same keys again (every row updated) in {million.again_s:.2f} s"
-                f" (medians of {ROUNDS}), for which PostgreSQL used {million.new_cpu_s:.2f} s"
-                f" and {million.again_cpu_s:.2f} s of CPU time on this machine's"
-                f" {os.cpu_count()} cores"
-            )
-            sealed, applied = uvloop.run(phases(postgres.dsn, 1_000_000))
-            figures.update(seal_s_1m=sealed, apply_one_connection_s_1m=applied)
-            print(
-                f"1,000,000 new keys, by phase: sealed in {sealed:.2f} s,"
-                f" applied over one connection in {applied:.2f} s"
-            )
+            if not stalls_only:
+                figures.update(a_million_keys(postgres, folder))
         finally:
             postgres.stop()
     return figures
 
 
+def a_million_keys(postgres: EmbeddedPostgres, folder: Path) -> dict[str, float]:
+    """The million-key figures: flushed new and again, and by phase."""
+    million = uvloop.run(
+        stall_while_flushing(postgres, folder / "m", 1_000_000, BUCKET + 3600, False)
+    )
+    print(
+        f"1,000,000 keys: flushed (sealed, copied, merged) in {million.new_s:.2f} s;"
+        f" the same keys again (every row updated) in {million.again_s:.2f} s"
+        f" (medians of {ROUNDS}), for which PostgreSQL used {million.new_cpu_s:.2f} s"
+        f" and {million.again_cpu_s:.2f} s of CPU time on this machine's"
+        f" {os.cpu_count()} cores"
+    )
+    sealed, applied = uvloop.run(phases(postgres.dsn, 1_000_000))
+    print(
+        f"1,000,000 new keys, by phase: sealed in {sealed:.2f} s,"
+        f" applied over one connection in {applied:.2f} s"
+    )
+    return {
+        "flush_s_1m": million.new_s,
+        "reflush_s_1m": million.again_s,
+        "flush_database_cpu_s_1m": million.new_cpu_s,
+        "reflush_database_cpu_s_1m": million.again_cpu_s,
+        "seal_s_1m": sealed,
+        "apply_one_connection_s_1m": applied,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--stalls-only", action="store_true", help="only the 200,000-key stalls and controls"
+    )
     args = parser.parse_args(argv)
-    figures = measure()
+    figures = measure(args.stalls_only)
     if args.json:
         args.json.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
     return 0

@@ -17,10 +17,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import io
-import os
 import struct
-import sys
-import threading
 import uuid
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -229,9 +226,11 @@ async def seal(window: Window, add: Callable[[Batch], object], events: list[int]
         made.append(batch)
         loop.call_soon_threadsafe(hand_over)
 
-    with concurrent.futures.ThreadPoolExecutor(
-        1, thread_name_prefix="seal", initializer=yielding
-    ) as executor:
+    # The sealing thread runs at the event loop's own priority, never below it: it takes the
+    # GIL now and then, and a thread of the least priority (nice 19) that holds the GIL, or
+    # that the loop must hand it to, may not run again for tens of milliseconds on a busy
+    # core, while the loop waits for it (README: "the rare stalls were the GIL").
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="seal") as executor:
         sealing = executor.submit(seal_window, window, sealed)
         try:
             totals = await asyncio.wrap_future(sealing)
@@ -249,11 +248,3 @@ async def seal(window: Window, add: Callable[[Batch], object], events: list[int]
 def _add_totals(events: list[int], totals: tuple[int, ...]) -> None:
     for field, total in enumerate(totals):
         events[field] += total
-
-
-def yielding() -> None:
-    """Lowers the calling thread's priority to the least (nice 19; Linux sets it per thread),
-    so that on a shared core the event loop's thread takes the CPU as soon as it wakes, while
-    the sealing still gets its share under any load."""
-    if sys.platform == "linux":
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)

@@ -2,9 +2,9 @@
 applies it from memory, so that a hard kill or a power loss spares it; its file is removed once
 the batch is settled (applied, or set aside), whichever of the two ends first.
 
-The batches are written by a task of their own and one thread that yields the CPU to the event
-loop, so that a slow disk holds up no seal and no flush. The spool's trouble (over its budget,
-a disk refusing writes) is logged once for as long as it lasts, with a line when it passes.
+The batches are written by a task of their own and one thread, so that a slow disk holds up no
+seal and no flush. The spool's trouble (over its budget, a disk refusing writes) is logged once
+for as long as it lasts, with a line when it passes.
 """
 
 from __future__ import annotations
@@ -16,16 +16,14 @@ import functools
 import logging
 from pathlib import Path
 
-from server.batch import Batch, yielding
+from server.batch import Batch
 from server.spool import Spool
 
 log = logging.getLogger(__name__)
 
-# Spool files are written by one thread that yields the CPU to the event loop, as the sealing
-# does: copying a big batch into the page cache takes milliseconds.
-_SPOOL_WRITER = concurrent.futures.ThreadPoolExecutor(
-    1, thread_name_prefix="spool", initializer=yielding
-)
+# Spool files are written by one thread, at the event loop's priority, as the sealing is (see
+# server.batch.seal): copying a big batch into the page cache takes milliseconds.
+_SPOOL_WRITER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
 
 
 @dataclasses.dataclass
