@@ -1,6 +1,6 @@
 """Flush figures: event-loop stall while flushing, time to flush a million keys, memory per key.
 
-    python -m loadtests.bench_flush [--json flush.json]
+    python -m loadtests.bench_flush [--stalls-only] [--json flush.json]
 
 On a PostgreSQL cluster of its own, with the flusher as the server runs it (two connections,
 ``--flush-connections``' default), it prints:
@@ -18,7 +18,8 @@ On a PostgreSQL cluster of its own, with the flusher as the server runs it (two 
 - for a window of 1,000,000 new keys, the sealing apart from applying the batches over one
   connection.
 
-``--stalls-only`` measures the 200,000-key stalls alone, with their controls.
+``--stalls-only`` measures the 200,000-key runs alone: their stalls, their controls and how long
+their flushes took.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ def nice() -> int:
 async def test_a_flush_seals_and_spools_at_the_event_loops_priority(
     database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if nice() == 19:
+        pytest.skip("run at nice 19: a helper at the least priority would look like the loop")
     seen: dict[str, int] = {}
     seal_window = batch_module.seal_window
     write = Spool.write
