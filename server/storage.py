@@ -23,8 +23,9 @@ _PRUNING_LOCK = 0x6C656467  # "ledg"
 # Every statement ends within this, so a hung database never holds the flusher forever.
 COMMAND_TIMEOUT = 60.0
 
-# pixel_counts' columns, in the order of a batch's COPY tuples.
-TABLE_COLUMNS = ("bucket", "campaign", "creative", "affiliate", "sub_id", *COUNT_COLUMNS)
+# pixel_counts' columns, in the order of a batch's COPY tuples: its primary key, then the counts.
+KEY_COLUMNS = ("bucket", "campaign", "creative", "affiliate", "sub_id")
+TABLE_COLUMNS = (*KEY_COLUMNS, *COUNT_COLUMNS)
 
 _STAGING = """
 CREATE TEMPORARY TABLE IF NOT EXISTS pixel_staging (
@@ -34,8 +35,14 @@ CREATE TEMPORARY TABLE IF NOT EXISTS pixel_staging (
 ) ON COMMIT DELETE ROWS
 """
 
-_KEY = "bucket, campaign, creative, affiliate, sub_id"
-_ROW_KEY = "(c.bucket, c.campaign, c.creative, c.affiliate, c.sub_id)"
+
+def _key_of(row: str) -> str:
+    """The primary key of the row named ``row`` in a statement, as a row value."""
+    return "(" + ", ".join(f"{row}.{column}" for column in KEY_COLUMNS) + ")"
+
+
+_KEY = ", ".join(KEY_COLUMNS)
+_ROW_KEY = _key_of("c")
 _INSERT = f"""
 INSERT INTO pixel_counts AS c ({", ".join(TABLE_COLUMNS)})
 SELECT {", ".join(TABLE_COLUMNS)} FROM pixel_staging"""
@@ -63,7 +70,7 @@ _MERGE_JOINED = f"""
 UPDATE pixel_counts AS c SET
     {", ".join(f"{column} = c.{column} + s.{column}" for column in COUNT_COLUMNS)}
 FROM pixel_staging AS s
-WHERE {_ROW_KEY} = (s.bucket, s.campaign, s.creative, s.affiliate, s.sub_id) AND {_IN_RANGE}"""
+WHERE {_ROW_KEY} = {_key_of("s")} AND {_IN_RANGE}"""
 
 # The merge join is the one plan left to the planner, whose estimates for a staging table
 # without statistics are guesses: the staging table sorted, the primary key read over the
@@ -100,8 +107,8 @@ SELECT CASE WHEN EXISTS (
     WHERE (
         SELECT count(*) FROM (
             SELECT FROM pixel_counts AS c
-            WHERE {_ROW_KEY} >= (a.bucket, a.campaign, a.creative, a.affiliate, a.sub_id)
-              AND {_ROW_KEY} <= (b.bucket, b.campaign, b.creative, b.affiliate, b.sub_id)
+            WHERE {_ROW_KEY} >= {_key_of("a")}
+              AND {_ROW_KEY} <= {_key_of("b")}
             LIMIT 3
         ) AS pair
     ) <> 2
