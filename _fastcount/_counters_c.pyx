@@ -131,6 +131,49 @@ cdef extern from *:
     void fc_pages_free(void *p, size_t size) nogil
 
 
+cdef extern from *:
+    """
+    /* The engine's long GIL-free work (sorting a window, sizing and encoding
+       its COPY tuples, walking tuples) runs on a thread of the least priority
+       (nice 19) made for it, while the calling thread waits without the GIL.
+       The caller, a flusher's helper, runs at the event loop's priority
+       because it takes the GIL now and then: a thread of the least priority
+       holding the GIL, or being handed it, keeps the loop waiting for as long
+       as it gets no CPU. This thread never takes the GIL, so the loop never
+       waits for it, and on a core they share the loop runs first. Where no
+       such thread can be made (not Linux, or pthread_create() fails), the
+       caller does the work itself. */
+    #if defined(__linux__)
+    #include <pthread.h>
+    #include <sys/resource.h>
+    #include <sys/syscall.h>
+    #include <unistd.h>
+    typedef struct { void (*job)(void *); void *arg; } fc_call;
+    static void *fc_least_priority_main(void *p) {
+        fc_call *call = (fc_call *)p;
+        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 19);
+        pthread_setname_np(pthread_self(), "fastcount-low");
+        call->job(call->arg);
+        return NULL;
+    }
+    static void fc_at_least_priority(void (*job)(void *), void *arg) {
+        fc_call call = {job, arg};
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, fc_least_priority_main, &call) != 0) {
+            job(arg);
+            return;
+        }
+        pthread_join(thread, NULL);
+    }
+    #else
+    static void fc_at_least_priority(void (*job)(void *), void *arg) {
+        job(arg);
+    }
+    #endif
+    """
+    void fc_at_least_priority(void (*job)(void *) noexcept nogil, void *arg) nogil
+
+
 IMPRESSIONS = 0
 GIVT_IMPRESSIONS = 1
 MEASURABLE = 2
@@ -657,43 +700,86 @@ cdef unsigned char *copy_tuple(unsigned char *p, Entry *e) noexcept nogil:
     return p
 
 
+cdef struct Encoding:
+    # Rows drained as COPY tuples: their size, then their bytes at out.
+    Entry **rows
+    Py_ssize_t n
+    Py_ssize_t size
+    unsigned char *out
+
+
+cdef void size_job(void *arg) noexcept nogil:
+    cdef Encoding *job = <Encoding *>arg
+    job.size = copy_size(job.rows, job.n)
+
+
+cdef void encode_job(void *arg) noexcept nogil:
+    cdef Encoding *job = <Encoding *>arg
+    cdef unsigned char *p = job.out
+    cdef Py_ssize_t i
+    for i in range(job.n):
+        if i + PREFETCH < job.n:
+            fc_prefetch(job.rows[i + PREFETCH])
+            fc_prefetch(&job.rows[i + PREFETCH].lens)
+        p = copy_tuple(p, job.rows[i])
+
+
+cdef struct TupleWalk:
+    # Binary COPY tuples walked: where the last starts, and where the walk
+    # ended (the end of the bytes when all is well; -1 at a malformed tuple).
+    const unsigned char *p
+    Py_ssize_t size
+    Py_ssize_t last
+    Py_ssize_t at
+
+
+cdef void walk_job(void *arg) noexcept nogil:
+    cdef TupleWalk *walk = <TupleWalk *>arg
+    cdef const unsigned char *p = walk.p
+    cdef Py_ssize_t size = walk.size, at = 0, last = -1
+    cdef int fields, i
+    cdef int32_t length
+    while at < size:
+        last = at
+        if size - at < 2:
+            at = -1
+            break
+        fields = <int16_t>((p[at] << 8) | p[at + 1])
+        if fields != COPY_FIELDS:
+            at = -1
+            break
+        at += 2
+        for i in range(fields):
+            if size - at < 4:
+                at = -1
+                break
+            length = <int32_t>((<uint32_t>p[at] << 24) | (<uint32_t>p[at + 1] << 16)
+                               | (<uint32_t>p[at + 2] << 8) | p[at + 3])
+            at += 4
+            if length < 0 or size - at < length:
+                at = -1
+                break
+            at += length
+        if at < 0:
+            break
+    walk.last = last
+    walk.at = at
+
+
 def last_copy_tuple(bytes tuples not None):
     """Where the last of these binary COPY tuples starts (each a 16-bit field
     count, then each field as a 32-bit length and its bytes; big-endian). A
     ValueError unless there is one at least, each has the 11 fields of
     pixel_counts, none NULL, and the last ends where the bytes do."""
-    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(tuples)
-    cdef Py_ssize_t size = len(tuples), at = 0, last = -1
-    cdef int fields, i
-    cdef int32_t length
+    cdef TupleWalk walk = TupleWalk(
+        <const unsigned char *>PyBytes_AS_STRING(tuples), len(tuples), -1, 0
+    )
     with nogil:
-        while at < size:
-            last = at
-            if size - at < 2:
-                at = -1
-                break
-            fields = <int16_t>((p[at] << 8) | p[at + 1])
-            if fields != COPY_FIELDS:
-                at = -1
-                break
-            at += 2
-            for i in range(fields):
-                if size - at < 4:
-                    at = -1
-                    break
-                length = <int32_t>((<uint32_t>p[at] << 24) | (<uint32_t>p[at + 1] << 16)
-                                   | (<uint32_t>p[at + 2] << 8) | p[at + 3])
-                at += 4
-                if length < 0 or size - at < length:
-                    at = -1
-                    break
-                at += length
-            if at < 0:
-                break
-    if last < 0 or at != size:
+        fc_at_least_priority(walk_job, &walk)
+    if walk.last < 0 or walk.at != walk.size:
         raise ValueError(
             "not binary COPY tuples of pixel_counts, or the last one is cut short")
-    return last
+    return walk.last
 
 
 # -------------------------------------------------------------------- shards
@@ -750,6 +836,30 @@ cdef void shards_gather(
                 hi[f] += lo[f] < count
         free(shards[i].slots)
     free(shards)
+
+
+cdef struct Gathering:
+    # A window's rows moved out of its tables (which are freed) into rows, in
+    # key order, through n records and as many more to sort them with (freed
+    # too), summed up per field into totals_hi, totals_lo.
+    Shard *shards
+    Py_ssize_t nshards
+    SortRecord *records
+    size_t n
+    Entry **rows
+    uint64_t *totals_lo
+    uint64_t *totals_hi
+
+
+cdef void gather_job(void *arg) noexcept nogil:
+    cdef Gathering *job = <Gathering *>arg
+    cdef size_t i
+    shards_gather(job.shards, job.nshards, job.records, job.totals_lo, job.totals_hi)
+    if job.n > 0:
+        sort_records(job.records, job.records + job.n, job.n)
+        for i in range(job.n):
+            job.rows[i] = job.records[i].entry
+        free(job.records)
 
 
 cdef inline Entry **shard_find(Shard *s, const Key *key, uint64_t h) noexcept nogil:
@@ -1087,28 +1197,24 @@ cdef class Window:
         if limit_ < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         cdef bytes out
-        cdef Entry **batch
-        cdef Py_ssize_t got, i, size
-        cdef unsigned char *p
+        cdef Encoding job
+        cdef Py_ssize_t got
         self._acquire()
         try:
             self._gather()
             got = <Py_ssize_t>min(limit_, self._rows)
             if got == 0:
                 return b""
-            batch = self._sorted + self._pos
+            job.rows = self._sorted + self._pos
+            job.n = got
             with nogil:
-                size = copy_size(batch, got)
-            out = PyBytes_FromStringAndSize(NULL, size)
+                fc_at_least_priority(size_job, &job)
+            out = PyBytes_FromStringAndSize(NULL, job.size)
             # Nothing else can see out before it is returned: it is filled
             # without the GIL.
-            p = <unsigned char *>PyBytes_AS_STRING(out)
+            job.out = <unsigned char *>PyBytes_AS_STRING(out)
             with nogil:
-                for i in range(got):
-                    if i + PREFETCH < got:
-                        fc_prefetch(batch[i + PREFETCH])
-                        fc_prefetch(&batch[i + PREFETCH].lens)
-                    p = copy_tuple(p, batch[i])
+                fc_at_least_priority(encode_job, &job)
                 self._take(got)
         finally:
             PyThread_release_lock(self._lock)
@@ -1133,7 +1239,6 @@ cdef class Window:
         cdef size_t n = <size_t>self._rows
         cdef Entry **rows = NULL
         cdef SortRecord *records = NULL
-        cdef size_t i
         if n > 0:
             rows = <Entry **>malloc(n * sizeof(Entry *))
             # The records, then as many for sort_records() to move them through.
@@ -1142,14 +1247,13 @@ cdef class Window:
                 free(rows)
                 free(records)
                 raise MemoryError()
+        cdef Gathering job = Gathering(
+            self._shards, self._nshards, records, n, rows,
+            &self._totals_lo[0], &self._totals_hi[0],
+        )
         with nogil:
-            shards_gather(self._shards, self._nshards, records, self._totals_lo, self._totals_hi)
-            self._shards = NULL
-            if n > 0:
-                sort_records(records, records + n, n)
-                for i in range(n):
-                    rows[i] = records[i].entry
-                free(records)
+            fc_at_least_priority(gather_job, &job)
+        self._shards = NULL
         self._sorted = rows
         return 0
 
