@@ -149,11 +149,12 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
-def matches(if_none_match: str, etags: tuple[str, ...]) -> bool:
-    """Weak comparison (RFC 9110 13.1.2) of an ``If-None-Match`` value with our ETags."""
+def matches(if_none_match: str, etag: str) -> bool:
+    """Weak comparison (RFC 9110 13.1.2) of an ``If-None-Match`` value with the ETag of the
+    representation selected: a client holding the other encoding gets this one in full."""
     if if_none_match.strip() == "*":
         return True
-    return any(tag.strip().removeprefix("W/") in etags for tag in if_none_match.split(","))
+    return any(tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(","))
 
 
 async def script(request: web.Request) -> web.Response:
@@ -163,7 +164,7 @@ async def script(request: web.Request) -> web.Response:
     gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
     etag = SCRIPT.gzip_etag if gzipped else SCRIPT.etag
     headers = {**SCRIPT_HEADERS, "ETag": etag}
-    if matches(request.headers.get("If-None-Match", ""), (SCRIPT.etag, SCRIPT.gzip_etag)):
+    if matches(request.headers.get("If-None-Match", ""), etag):
         return web.Response(status=304, headers=headers)
     if gzipped:
         headers["Content-Encoding"] = "gzip"
