@@ -3,12 +3,18 @@
     python -m loadtests.bench                     # 3 rounds of 5 s each, one table
     python -m loadtests.bench --rounds 5 --seconds 10 --json bench.json
 
-Each server gets one core (taskset), wrk gets the other: ``wrk -t1 -c64`` over keep-alive
+Each server gets one core (taskset), wrk gets another: ``wrk -t1 -c64`` over keep-alive
 connections, the same realistic requests for all (50 creatives, a fresh cache-buster each time,
 a browser User-Agent). The servers take turns, round after round (A B C A B C ...), so a noisy
 machine slows them alike, and the table shows the median of the rounds: requests/s, p50 and
 p99 latency, and the ratios to nginx and to the minimal aiohttp app. pixel-server runs as in
 production: counting, flushing every second into a PostgreSQL cluster of its own.
+
+``--workers 1 2 4 ...`` runs pixel-server with each number of workers, and nginx with as many
+worker processes, for reference: N workers get N cores of their own and wrk the cores left, a
+thread per core up to N, with 64 connections per worker; where no core is left (2 workers on
+a 2-core machine), servers and wrk share every core and wrk runs one thread. It prints each
+pixel-server run's scaling: its requests/s over N times one worker's, with nginx's beside it.
 
 Then it runs the flush figures (``loadtests.bench_flush``: event-loop stall, a million keys
 flushed, memory per key) and the counter engine's (``loadtests.bench_counters``), printing
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import re
 import shutil
 import statistics
@@ -34,9 +41,10 @@ from pathlib import Path
 import orjson
 
 from loadtests.processes import PIXEL_SERVER, free_port
+from server.config import positive_int
 from server.embedded import EmbeddedPostgres
 
-SERVER_CORE, WRK_CORE = "0", "1"
+CONNECTIONS = 64  # wrk's connections per server process
 BROWSER = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/124.0 Safari/537.36"
 WRK_SCRIPT = """
 local n = 0
@@ -47,13 +55,13 @@ request = function()
 end
 """
 NGINX_CONF = """
-worker_processes 1;
-pid {folder}/nginx.pid;
-error_log {folder}/nginx-error.log;
+worker_processes {workers};
+pid {folder}/nginx-{workers}.pid;
+error_log {folder}/nginx-{workers}-error.log;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
-  server {{ listen 127.0.0.1:{port}; location = /i.gif {{ empty_gif; }} }}
+  server {{ listen 127.0.0.1:{port} reuseport; location = /i.gif {{ empty_gif; }} }}
 }}
 """
 
@@ -70,15 +78,47 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(url: str, seconds: int, script: Path) -> Run:
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a run's server processes and wrk go, as taskset's core lists, and wrk's load."""
+
+    servers: str
+    wrk: str
+    threads: int
+    connections: int
+
+    def __str__(self) -> str:
+        return (
+            f"server on cores {self.servers}, wrk -t{self.threads} -c{self.connections}"
+            f" on cores {self.wrk}"
+        )
+
+
+def placement(cores: list[int], workers: int) -> Placement:
+    """N workers on N cores of their own and wrk on the rest, a thread per core up to N; on
+    every core, shared, with one wrk thread, where none is left for wrk."""
+    connections = CONNECTIONS * workers
+    if workers >= len(cores):
+        every = ",".join(map(str, cores))
+        return Placement(every, every, 1, connections)
+    threads = min(len(cores) - workers, workers)
+    return Placement(
+        ",".join(map(str, cores[:workers])),
+        ",".join(map(str, cores[workers : workers + threads])),
+        threads,
+        connections,
+    )
+
+
+def wrk(url: str, seconds: int, script: Path, where: Placement) -> Run:
     output = subprocess.run(
         [
             "taskset",
             "-c",
-            WRK_CORE,
+            where.wrk,
             "wrk",
-            "-t1",
-            "-c64",
+            f"-t{where.threads}",
+            f"-c{where.connections}",
             f"-d{seconds}s",
             "--latency",
             "-s",
@@ -126,6 +166,28 @@ def started(command: list[str], url: str, log: Path, cores: str) -> Iterator[str
             process.wait(30)
 
 
+def nginx_command(folder: Path, port: int, workers: int) -> list[str]:
+    """The command running nginx ``empty_gif`` with ``workers`` worker processes."""
+    conf = folder / f"nginx-{workers}.conf"
+    conf.write_text(NGINX_CONF.format(folder=folder, port=port, workers=workers))
+    return ["nginx", "-c", str(conf), "-p", str(folder), "-g", "daemon off;"]
+
+
+def scaling(medians: dict[str, Run], workers: list[int]) -> dict[str, float]:
+    """Each run of N > 1 workers' requests/s over N times one worker's: pixel-server's over
+    its one worker's (if measured), nginx's over its one worker's."""
+    efficiency = {}
+    for n in workers:
+        for one, label in (
+            ("nginx empty_gif", f"nginx empty_gif x{n}"),
+            ("pixel-server", f"pixel-server x{n}"),
+        ):
+            if n > 1 and one in medians:
+                rate = medians[label].requests_per_second
+                efficiency[label] = rate / (n * medians[one].requests_per_second)
+    return efficiency
+
+
 def engine_figures() -> dict[str, object]:
     """Runs the flush and counter benchmarks, each in a process of its own (memory per key is
     measured on a fresh heap); their output goes straight through. Returns their figures."""
@@ -142,11 +204,15 @@ def engine_figures() -> dict[str, object]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--seconds", type=positive_int, default=5)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
-        "--workers", type=int, nargs="+", default=[1], help="pixel-server worker counts to run"
+        "--workers",
+        type=positive_int,
+        nargs="+",
+        default=[1],
+        help="pixel-server worker counts to run",
     )
     parser.add_argument(
         "--http-only", action="store_true", help="skip the flush and counter engine figures"
@@ -155,32 +221,34 @@ def main() -> int:
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is needed (Debian packages wrk, nginx-light, util-linux)")
-    results: dict[str, list[Run]] = {"nginx empty_gif": [], "aiohttp minimal": []}
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        parser.error("two cores at least are needed: one for the server, one for wrk")
+    # label -> (command, port, placement), in the order they take turns
+    servers: dict[str, tuple[list[str], int, Placement]] = {}
     with tempfile.TemporaryDirectory(prefix="pixel-bench-") as name:
         folder = Path(name)
         script = folder / "requests.lua"
         script.write_text(WRK_SCRIPT % BROWSER)
         nginx_port, aiohttp_port, pixel_port = free_port(), free_port(), free_port()
-        (folder / "nginx.conf").write_text(NGINX_CONF.format(folder=folder, port=nginx_port))
         postgres = EmbeddedPostgres(folder / "db")
         postgres.start()
-        # label -> (command, port, cores): one core each, but a run of several workers gets
-        # both cores, which it then shares with wrk.
-        servers: dict[str, tuple[list[str], int, str]] = {
-            "nginx empty_gif": (
-                ["nginx", "-c", str(folder / "nginx.conf"), "-p", str(folder), "-g", "daemon off;"],
-                nginx_port,
-                SERVER_CORE,
-            ),
-            "aiohttp minimal": (
-                [sys.executable, "-m", "loadtests.reference_app", f"--port={aiohttp_port}"],
-                aiohttp_port,
-                SERVER_CORE,
-            ),
-        }
+        servers["nginx empty_gif"] = (
+            nginx_command(folder, nginx_port, 1),
+            nginx_port,
+            placement(cores, 1),
+        )
+        servers["aiohttp minimal"] = (
+            [sys.executable, "-m", "loadtests.reference_app", f"--port={aiohttp_port}"],
+            aiohttp_port,
+            placement(cores, 1),
+        )
         for workers in args.workers:
+            where = placement(cores, workers)
+            if workers > 1:
+                command = nginx_command(folder, nginx_port, workers)
+                servers[f"nginx empty_gif x{workers}"] = (command, nginx_port, where)
             label = "pixel-server" if workers == 1 else f"pixel-server x{workers}"
-            results.setdefault(label, [])
             servers[label] = (
                 [
                     PIXEL_SERVER,
@@ -193,15 +261,16 @@ def main() -> int:
                     f"--spool-dir={folder / 'spool'}",
                 ],
                 pixel_port,
-                SERVER_CORE if workers == 1 else f"{SERVER_CORE},{WRK_CORE}",
+                where,
             )
+        results: dict[str, list[Run]] = {label: [] for label in servers}
         try:
             for round_number in range(args.rounds):
-                for label, (command, port, cores) in servers.items():
+                for label, (command, port, where) in servers.items():
                     url = f"http://127.0.0.1:{port}"
-                    with started(command, url + "/i.gif", folder / f"{label}.log", cores):
-                        wrk(url, 1, script)  # warm-up
-                        results[label].append(wrk(url, args.seconds, script))
+                    with started(command, url + "/i.gif", folder / f"{label}.log", where.servers):
+                        wrk(url, 1, script, where)  # warm-up
+                        results[label].append(wrk(url, args.seconds, script, where))
                 print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr)
         finally:
             postgres.stop()
@@ -216,18 +285,22 @@ def main() -> int:
         for label, runs in results.items()
     }
     nginx, minimal = medians["nginx empty_gif"], medians["aiohttp minimal"]
-    print(
-        f"wrk -t1 -c64, {args.seconds} s per run, median of {args.rounds} alternating rounds;"
-        " server on core 0, wrk on core 1"
-    )
+    print(f"{args.seconds} s per run, median of {args.rounds} alternating rounds; wrk for each:")
+    for workers in sorted({1, *args.workers}):
+        print(f"  {workers} worker{'s' if workers > 1 else ''}: {placement(cores, workers)}")
     header = ("server", "requests/s", "p50 ms", "p99 ms", "vs nginx", "vs aiohttp")
-    print("{:<18}{:>12}{:>9}{:>9}{:>10}{:>12}".format(*header))
+    print("{:<21}{:>12}{:>9}{:>9}{:>10}{:>12}".format(*header))
     for label, run in medians.items():
         print(
-            f"{label:<18}{run.requests_per_second:>12,.0f}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}"
+            f"{label:<21}{run.requests_per_second:>12,.0f}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}"
             f"{run.requests_per_second / nginx.requests_per_second:>9.2f}x"
             f"{run.requests_per_second / minimal.requests_per_second:>11.2f}x"
         )
+    efficiency = scaling(medians, args.workers)
+    if efficiency:
+        print("scaling: requests/s over N times one worker's (one nginx worker's for nginx)")
+        for label, share in efficiency.items():
+            print(f"  {label:<21}{share:>6.0%}")
     figures = {} if args.http_only else engine_figures()
     if args.json:
         args.json.write_bytes(
@@ -237,6 +310,10 @@ def main() -> int:
                     "runs": {k: [dataclasses.asdict(r) for r in v] for k, v in results.items()},
                     "rounds": args.rounds,
                     "seconds": args.seconds,
+                    "placements": {
+                        label: dataclasses.asdict(where) for label, (_, _, where) in servers.items()
+                    },
+                    "scaling": efficiency,
                     **figures,
                 },
                 option=orjson.OPT_INDENT_2,

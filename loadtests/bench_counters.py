@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import orjson
 
 from _fastcount import _counters_py
+from server.config import positive_int
 from server.metrics import resident_bytes
 
 Spec = tuple[int, int, int, int, int]  # bucket, campaign, creative, affiliate, sub id numbers
@@ -206,11 +207,18 @@ class FreshKeys(Sequence[tuple[int, str, str, str, str]]):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keys", type=int, default=100_000, help="distinct keys (default 100000)")
     parser.add_argument(
-        "--increments", type=int, default=1_000_000, help="increments per run (default 1000000)"
+        "--keys", type=positive_int, default=100_000, help="distinct keys (default 100000)"
     )
-    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (default 5)")
+    parser.add_argument(
+        "--increments",
+        type=positive_int,
+        default=1_000_000,
+        help="increments per run (default 1000000)",
+    )
+    parser.add_argument(
+        "--repeat", type=positive_int, default=5, help="runs per figure (default 5)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)

@@ -26,6 +26,7 @@ from _fastcount import COLUMNS, Counters
 from loadtests.bench_flush import BUCKET, add_keys, database_cpu_seconds
 from server import storage
 from server.batch import Batch, seal
+from server.config import positive_int
 from server.embedded import EmbeddedPostgres
 
 KEYS = 1_000_000
@@ -75,7 +76,7 @@ async def measure(postgres: EmbeddedPostgres, rounds: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pixel-bench-merge-") as folder:
         postgres = EmbeddedPostgres(Path(folder) / "db")

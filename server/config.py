@@ -27,7 +27,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError(f"must be at least 1, got {text!r}")
@@ -116,19 +116,19 @@ class Config:
     )
     data_dir: Path = _setting(DEFAULT_DATA_DIR, Path, "folder of the embedded PostgreSQL's data")
     workers: int = _setting(
-        1, _positive_int, "processes sharing the pixel port (SO_REUSEPORT); each counts and flushes"
+        1, positive_int, "processes sharing the pixel port (SO_REUSEPORT); each counts and flushes"
     )
     flush_interval: float = _setting(1.0, _positive_float, "seconds between flushes to PostgreSQL")
     flush_connections: int = _setting(
         2,
-        _positive_int,
+        positive_int,
         "connections each process merges batches over at once (a window of more than 100,000"
         " keys is several batches)",
     )
-    bucket_seconds: int = _setting(60, _positive_int, "width of a time bucket in seconds")
+    bucket_seconds: int = _setting(60, positive_int, "width of a time bucket in seconds")
     max_keys: int = _setting(
         1_000_000,
-        _positive_int,
+        positive_int,
         "distinct keys per flush window; further new keys count in the __overflow__ row",
     )
     shutdown_timeout: float = _setting(
@@ -150,13 +150,13 @@ class Config:
     )
     ledger_days: int = _setting(
         30,
-        _positive_int,
+        positive_int,
         "days the ledger (flush_batches) keeps an applied batch's id; a spooled batch written"
         " before the pruned rows is dead-lettered rather than risk counting it twice",
     )
     max_pending_batches: int = _setting(
         300,
-        _positive_int,
+        positive_int,
         "batches held in memory when the spool cannot take them; beyond, the oldest is dropped",
     )
     secret: tuple[str, ...] = _setting(
