@@ -27,9 +27,9 @@ Rows come out in key order: ascending bucket, then campaign, creative,
 affiliate and sub_id compared as UTF-8 bytes. That is PostgreSQL's order for the
 primary key with ``COLLATE "C"``: concurrent writers lock rows in one order, and
 index inserts go in index order. The first drain, or ``totals``, sorts the whole
-window (the compiled engine without holding the GIL, on a thread of the least
-priority that it makes for the work, as it does to encode ``drain_copy``'s
-tuples; the calling thread waits for it). ``totals`` sums each field
+window (the compiled engine without holding the GIL, on a thread of low
+priority that it makes for the work on Linux, as it does to encode
+``drain_copy``'s tuples; the calling thread waits for it). ``totals`` sums each field
 over every row the window was swapped out with, drained or not.
 :meth:`Window.drain_copy` takes the same rows already encoded as the tuples of
 PostgreSQL's binary COPY format, to send after its file header::

@@ -134,44 +134,49 @@ cdef extern from *:
 cdef extern from *:
     """
     /* The engine's long GIL-free work (sorting a window, sizing and encoding
-       its COPY tuples, walking tuples) runs on a thread of the least priority
-       (nice 19) made for it, while the calling thread waits without the GIL.
+       its COPY tuples, walking tuples) runs on a thread made for it at a low
+       priority (nice 10), while the calling thread waits without the GIL.
        The caller, a flusher's helper, runs at the event loop's priority
-       because it takes the GIL now and then: a thread of the least priority
-       holding the GIL, or being handed it, keeps the loop waiting for as long
-       as it gets no CPU. This thread never takes the GIL, so the loop never
-       waits for it, and on a core they share the loop runs first. Where no
+       because it takes the GIL now and then: a thread of low priority holding
+       the GIL, or being handed it, keeps the loop waiting for as long as it
+       gets no CPU. This thread never takes the GIL, so the loop never waits
+       for it to run Python, and on a core they share the loop runs first.
+       Nice 10, not 19: against busy threads of the same process (a saturated
+       event loop, say) it still gets a tenth of their share, where nice 19
+       would get a sixtieth and a flush could fall a minute behind. Where no
        such thread can be made (not Linux, or pthread_create() fails), the
-       caller does the work itself. */
+       caller does the work itself. The work reads and writes memory that the
+       caller allocated, and frees none of it. */
     #if defined(__linux__)
     #include <pthread.h>
     #include <sys/resource.h>
     #include <sys/syscall.h>
     #include <unistd.h>
+    #define FC_ENGINE_NICE 10
     typedef struct { void (*job)(void *); void *arg; } fc_call;
-    static void *fc_least_priority_main(void *p) {
+    static void *fc_low_priority_main(void *p) {
         fc_call *call = (fc_call *)p;
-        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 19);
+        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), FC_ENGINE_NICE);
         pthread_setname_np(pthread_self(), "fastcount-low");
         call->job(call->arg);
         return NULL;
     }
-    static void fc_at_least_priority(void (*job)(void *), void *arg) {
+    static void fc_at_low_priority(void (*job)(void *), void *arg) {
         fc_call call = {job, arg};
         pthread_t thread;
-        if (pthread_create(&thread, NULL, fc_least_priority_main, &call) != 0) {
+        if (pthread_create(&thread, NULL, fc_low_priority_main, &call) != 0) {
             job(arg);
             return;
         }
         pthread_join(thread, NULL);
     }
     #else
-    static void fc_at_least_priority(void (*job)(void *), void *arg) {
+    static void fc_at_low_priority(void (*job)(void *), void *arg) {
         job(arg);
     }
     #endif
     """
-    void fc_at_least_priority(void (*job)(void *) noexcept nogil, void *arg) nogil
+    void fc_at_low_priority(void (*job)(void *) noexcept nogil, void *arg) nogil
 
 
 IMPRESSIONS = 0
@@ -775,7 +780,7 @@ def last_copy_tuple(bytes tuples not None):
         <const unsigned char *>PyBytes_AS_STRING(tuples), len(tuples), -1, 0
     )
     with nogil:
-        fc_at_least_priority(walk_job, &walk)
+        fc_at_low_priority(walk_job, &walk)
     if walk.last < 0 or walk.at != walk.size:
         raise ValueError(
             "not binary COPY tuples of pixel_counts, or the last one is cut short")
@@ -812,8 +817,8 @@ cdef void shards_free(Shard *shards, Py_ssize_t nshards) noexcept nogil:
 cdef void shards_gather(
     Shard *shards, Py_ssize_t nshards, SortRecord *into, uint64_t *lo, uint64_t *hi
 ) noexcept nogil:
-    """Puts every row into `into` (as many records as rows), adds its counts
-    to the 128-bit sums (hi, lo) per field, and frees the tables."""
+    """Puts every row into `into` (as many records as rows) and adds its counts
+    to the 128-bit sums (hi, lo) per field."""
     cdef Py_ssize_t n = 0
     cdef Py_ssize_t i
     cdef size_t j
@@ -834,14 +839,12 @@ cdef void shards_gather(
                 count = <uint64_t>e.counts[f]  # never negative: add() takes n >= 1
                 lo[f] += count
                 hi[f] += lo[f] < count
-        free(shards[i].slots)
-    free(shards)
 
 
 cdef struct Gathering:
-    # A window's rows moved out of its tables (which are freed) into rows, in
-    # key order, through n records and as many more to sort them with (freed
-    # too), summed up per field into totals_hi, totals_lo.
+    # A window's rows copied out of its tables into rows, in key order, through
+    # n records and as many more to sort them with, summed up per field into
+    # totals_hi, totals_lo.
     Shard *shards
     Py_ssize_t nshards
     SortRecord *records
@@ -853,13 +856,15 @@ cdef struct Gathering:
 
 cdef void gather_job(void *arg) noexcept nogil:
     cdef Gathering *job = <Gathering *>arg
-    cdef size_t i
     shards_gather(job.shards, job.nshards, job.records, job.totals_lo, job.totals_hi)
-    if job.n > 0:
-        sort_records(job.records, job.records + job.n, job.n)
-        for i in range(job.n):
-            job.rows[i] = job.records[i].entry
-        free(job.records)
+
+
+cdef void sort_job(void *arg) noexcept nogil:
+    cdef Gathering *job = <Gathering *>arg
+    cdef size_t i
+    sort_records(job.records, job.records + job.n, job.n)
+    for i in range(job.n):
+        job.rows[i] = job.records[i].entry
 
 
 cdef inline Entry **shard_find(Shard *s, const Key *key, uint64_t h) noexcept nogil:
@@ -1208,13 +1213,13 @@ cdef class Window:
             job.rows = self._sorted + self._pos
             job.n = got
             with nogil:
-                fc_at_least_priority(size_job, &job)
+                fc_at_low_priority(size_job, &job)
             out = PyBytes_FromStringAndSize(NULL, job.size)
             # Nothing else can see out before it is returned: it is filled
             # without the GIL.
             job.out = <unsigned char *>PyBytes_AS_STRING(out)
             with nogil:
-                fc_at_least_priority(encode_job, &job)
+                fc_at_low_priority(encode_job, &job)
                 self._take(got)
         finally:
             PyThread_release_lock(self._lock)
@@ -1251,8 +1256,16 @@ cdef class Window:
             self._shards, self._nshards, records, n, rows,
             &self._totals_lo[0], &self._totals_hi[0],
         )
+        # The tables are freed here, not on the engine's thread: they come
+        # from the event loop's malloc arena, whose lock a thread of low
+        # priority must never hold. They go as soon as the records hold the
+        # rows, before the sort.
         with nogil:
-            fc_at_least_priority(gather_job, &job)
+            fc_at_low_priority(gather_job, &job)
+            shards_free(self._shards, self._nshards)
+            if n > 0:
+                fc_at_low_priority(sort_job, &job)
+            free(records)
         self._shards = NULL
         self._sorted = rows
         return 0

@@ -89,9 +89,13 @@ class Placement:
 
     def __str__(self) -> str:
         return (
-            f"server on cores {self.servers}, wrk -t{self.threads} -c{self.connections}"
-            f" on cores {self.wrk}"
+            f"server on {_cores(self.servers)}, wrk -t{self.threads} -c{self.connections}"
+            f" on {_cores(self.wrk)}"
         )
+
+
+def _cores(cores: str) -> str:
+    return f"cores {cores}" if "," in cores else f"core {cores}"
 
 
 def placement(cores: list[int], workers: int) -> Placement:
@@ -226,6 +230,7 @@ def main() -> int:
         parser.error("two cores at least are needed: one for the server, one for wrk")
     # label -> (command, port, placement), in the order they take turns
     servers: dict[str, tuple[list[str], int, Placement]] = {}
+    nginx_of: dict[str, str] = {}  # label -> the nginx run with as many workers
     with tempfile.TemporaryDirectory(prefix="pixel-bench-") as name:
         folder = Path(name)
         script = folder / "requests.lua"
@@ -245,10 +250,14 @@ def main() -> int:
         )
         for workers in args.workers:
             where = placement(cores, workers)
+            nginx = "nginx empty_gif"
             if workers > 1:
+                nginx = f"nginx empty_gif x{workers}"
                 command = nginx_command(folder, nginx_port, workers)
-                servers[f"nginx empty_gif x{workers}"] = (command, nginx_port, where)
+                servers[nginx] = (command, nginx_port, where)
+                nginx_of[nginx] = nginx
             label = "pixel-server" if workers == 1 else f"pixel-server x{workers}"
+            nginx_of[label] = nginx
             servers[label] = (
                 [
                     PIXEL_SERVER,
@@ -284,16 +293,20 @@ def main() -> int:
         )
         for label, runs in results.items()
     }
-    nginx, minimal = medians["nginx empty_gif"], medians["aiohttp minimal"]
+    minimal = medians["aiohttp minimal"]
     print(f"{args.seconds} s per run, median of {args.rounds} alternating rounds; wrk for each:")
     for workers in sorted({1, *args.workers}):
-        print(f"  {workers} worker{'s' if workers > 1 else ''}: {placement(cores, workers)}")
+        where = placement(cores, workers)
+        few = "" if where.threads >= workers else " (fewer threads than workers: see nginx's)"
+        print(f"  {workers} worker{'s' if workers > 1 else ''}: {where}{few}")
+    print("vs nginx: against nginx empty_gif with as many workers")
     header = ("server", "requests/s", "p50 ms", "p99 ms", "vs nginx", "vs aiohttp")
     print("{:<21}{:>12}{:>9}{:>9}{:>10}{:>12}".format(*header))
     for label, run in medians.items():
+        reference = medians[nginx_of.get(label, "nginx empty_gif")]
         print(
             f"{label:<21}{run.requests_per_second:>12,.0f}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}"
-            f"{run.requests_per_second / nginx.requests_per_second:>9.2f}x"
+            f"{run.requests_per_second / reference.requests_per_second:>9.2f}x"
             f"{run.requests_per_second / minimal.requests_per_second:>11.2f}x"
         )
     efficiency = scaling(medians, args.workers)

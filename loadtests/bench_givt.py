@@ -27,6 +27,7 @@ from crawlerdetect import CrawlerDetect
 
 from loadtests.processes import PixelServer
 from server import givt
+from server.config import positive_int
 from server.embedded import EmbeddedPostgres
 
 # (weight, User-Agent): browsers dominate, bots and tools are the tail.
@@ -93,8 +94,8 @@ def worst_case_milliseconds(user_agent: str) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--runs", type=positive_int, default=3)
+    parser.add_argument("--seconds", type=positive_int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pixel-bench-givt-") as folder:
         workdir = Path(folder)

@@ -7,8 +7,8 @@ A batch holds its rows as the counter engine encodes them: PostgreSQL binary COP
 ``pixel_counts``' columns in key order, ready to stream into the table or the staging table.
 No Python object is made per row, so
 sealing a window of a million keys costs the event loop next to nothing: the engine sorts and
-encodes without the GIL, on a thread of its own at the least priority, while the sealing thread
-waits for it.
+encodes without the GIL, on a thread of its own at a low priority (nice 10, on Linux), while the
+sealing thread waits for it.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ async def seal(window: Window, add: Callable[[Batch], object], events: list[int]
     # GIL now and then, and a thread of the least priority (nice 19) that holds the GIL, or
     # that the loop must hand it to, may not run again for tens of milliseconds on a busy
     # core, while the loop waits for it (README: "the rare stalls were the GIL"). The long work,
-    # sorting and encoding, runs in the engine on a thread of the least priority that never
+    # sorting and encoding, runs in the engine on a thread of low priority (nice 10) that never
     # takes the GIL, so on a core it shares with the loop the loop runs first.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="seal") as executor:
         sealing = executor.submit(seal_window, window, sealed)

@@ -123,7 +123,8 @@ class Flusher:
         A flush that outlasts the interval (a database that hangs, its connections open, makes
         each statement wait up to storage.COMMAND_TIMEOUT) does not keep the counts in memory
         meanwhile: at every interval the window is sealed and spooled, so a hard kill loses at
-        most one interval's counts."""
+        most one interval's counts (and those of a seal under way, which a machine whose every
+        core is busy slows: the engine sorts and encodes at a low priority)."""
         while not self._stopping.is_set():
             flushing = asyncio.ensure_future(self._flush_reporting_errors())
             try:

@@ -2,8 +2,8 @@
 loop's own priority: a thread of the least priority that holds the GIL, or that the loop must
 hand it to, may not run again for tens of milliseconds on a busy core, while the loop waits
 (README: "the rare stalls were the GIL"). The counter engine's long GIL-free work (sorting a
-window, encoding its rows) runs on a thread of its own at the least priority, which never takes
-the GIL: on a core it shares with the loop, the loop runs first."""
+window, encoding its rows) runs on a thread of its own at a low priority, nice 10, which never
+takes the GIL: on a core it shares with the loop, the loop runs first."""
 
 from __future__ import annotations
 
@@ -77,10 +77,10 @@ def engine_threads() -> dict[int, int]:
 
 
 @pytest.mark.skipif(
-    _fastcount.NO_EXTENSIONS or not sys.platform.startswith("linux"),
-    reason="the compiled engine on Linux has a thread of the least priority",
+    _fastcount.Window.__module__ != "_fastcount._counters_c" or sys.platform != "linux",
+    reason="the compiled engine on Linux has a thread of low priority",
 )
-def test_the_engines_gil_free_work_runs_at_the_least_priority() -> None:
+def test_the_engines_gil_free_work_runs_at_a_low_priority() -> None:
     counters = Counters()
     for key in range(300_000):
         counters.add(60, f"campaign-{key}", "", "", "", IMPRESSIONS)
@@ -93,6 +93,9 @@ def test_the_engines_gil_free_work_runs_at_the_least_priority() -> None:
         seen.update(engine_threads())
         time.sleep(0.001)  # a busy sampler would take the CPU the engine's thread waits for
     sealing.join()
-    assert seen and set(seen.values()) == {19}
-    assert engine_threads() == {}  # each ends with its work
+    assert seen and set(seen.values()) == {10}
+    deadline = time.monotonic() + 10  # each ends with its work (and leaves /proc soon after)
+    while engine_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine_threads() == {}
     assert sum(batch.rows for batch in batches) == 300_000
