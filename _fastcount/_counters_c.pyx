@@ -141,9 +141,10 @@ cdef extern from *:
        the GIL, or being handed it, keeps the loop waiting for as long as it
        gets no CPU. This thread never takes the GIL, so the loop never waits
        for it to run Python, and on a core they share the loop runs first.
-       Nice 10, not 19: against busy threads of the same process (a saturated
-       event loop, say) it still gets a tenth of their share, where nice 19
-       would get a sixtieth and a flush could fall a minute behind. Where no
+       Nice 10, not 19: against busy threads of the same session or cgroup
+       (a saturated event loop, the other workers) it still gets about a tenth
+       of their share, where at nice 19 a seal of a million keys took a minute
+       (python -m loadtests.bench_seal). Where no
        such thread can be made (not Linux, or pthread_create() fails), the
        caller does the work itself. The work reads and writes memory that the
        caller allocated, and frees none of it. */
