@@ -164,7 +164,8 @@ async def script(request: web.Request) -> web.Response:
     gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
     etag = SCRIPT.gzip_etag if gzipped else SCRIPT.etag
     headers = {**SCRIPT_HEADERS, "ETag": etag}
-    if matches(request.headers.get("If-None-Match", ""), etag):
+    # Several field lines make one list (RFC 9110 5.3).
+    if matches(",".join(request.headers.getall("If-None-Match", [])), etag):
         return web.Response(status=304, headers=headers)
     if gzipped:
         headers["Content-Encoding"] = "gzip"
