@@ -153,7 +153,9 @@ cdef extern from *:
     #include <sys/resource.h>
     #include <sys/syscall.h>
     #include <unistd.h>
+    #ifndef FC_ENGINE_NICE  /* another for a comparison: CFLAGS=-DFC_ENGINE_NICE=19 */
     #define FC_ENGINE_NICE 10
+    #endif
     typedef struct { void (*job)(void *); void *arg; } fc_call;
     static void *fc_low_priority_main(void *p) {
         fc_call *call = (fc_call *)p;
@@ -1262,7 +1264,8 @@ cdef class Window:
         # priority must never hold. They go as soon as the records hold the
         # rows, before the sort.
         with nogil:
-            fc_at_low_priority(gather_job, &job)
+            if n > 0:
+                fc_at_low_priority(gather_job, &job)
             shards_free(self._shards, self._nshards)
             if n > 0:
                 fc_at_low_priority(sort_job, &job)

@@ -177,18 +177,20 @@ def nginx_command(folder: Path, port: int, workers: int) -> list[str]:
     return ["nginx", "-c", str(conf), "-p", str(folder), "-g", "daemon off;"]
 
 
+def run_name(server: str, workers: int) -> str:
+    """A run's name in the table: the server's, with its workers when more than one."""
+    return server if workers == 1 else f"{server} x{workers}"
+
+
 def scaling(medians: dict[str, Run], workers: list[int]) -> dict[str, float]:
     """Each run of N > 1 workers' requests/s over N times one worker's: pixel-server's over
     its one worker's (if measured), nginx's over its one worker's."""
     efficiency = {}
     for n in workers:
-        for one, label in (
-            ("nginx empty_gif", f"nginx empty_gif x{n}"),
-            ("pixel-server", f"pixel-server x{n}"),
-        ):
-            if n > 1 and one in medians:
-                rate = medians[label].requests_per_second
-                efficiency[label] = rate / (n * medians[one].requests_per_second)
+        for server in ("nginx empty_gif", "pixel-server"):
+            if n > 1 and server in medians:
+                rate = medians[run_name(server, n)].requests_per_second
+                efficiency[run_name(server, n)] = rate / (n * medians[server].requests_per_second)
     return efficiency
 
 
@@ -228,9 +230,8 @@ def main() -> int:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         parser.error("two cores at least are needed: one for the server, one for wrk")
-    # label -> (command, port, placement), in the order they take turns
-    servers: dict[str, tuple[list[str], int, Placement]] = {}
-    nginx_of: dict[str, str] = {}  # label -> the nginx run with as many workers
+    # label -> (command, port, placement, workers), in the order they take turns
+    servers: dict[str, tuple[list[str], int, Placement, int]] = {}
     with tempfile.TemporaryDirectory(prefix="pixel-bench-") as name:
         folder = Path(name)
         script = folder / "requests.lua"
@@ -242,23 +243,25 @@ def main() -> int:
             nginx_command(folder, nginx_port, 1),
             nginx_port,
             placement(cores, 1),
+            1,
         )
         servers["aiohttp minimal"] = (
             [sys.executable, "-m", "loadtests.reference_app", f"--port={aiohttp_port}"],
             aiohttp_port,
             placement(cores, 1),
+            1,
         )
         for workers in args.workers:
             where = placement(cores, workers)
-            nginx = "nginx empty_gif"
             if workers > 1:
-                nginx = f"nginx empty_gif x{workers}"
                 command = nginx_command(folder, nginx_port, workers)
-                servers[nginx] = (command, nginx_port, where)
-                nginx_of[nginx] = nginx
-            label = "pixel-server" if workers == 1 else f"pixel-server x{workers}"
-            nginx_of[label] = nginx
-            servers[label] = (
+                servers[run_name("nginx empty_gif", workers)] = (
+                    command,
+                    nginx_port,
+                    where,
+                    workers,
+                )
+            servers[run_name("pixel-server", workers)] = (
                 [
                     PIXEL_SERVER,
                     "serve",
@@ -271,11 +274,12 @@ def main() -> int:
                 ],
                 pixel_port,
                 where,
+                workers,
             )
         results: dict[str, list[Run]] = {label: [] for label in servers}
         try:
             for round_number in range(args.rounds):
-                for label, (command, port, where) in servers.items():
+                for label, (command, port, where, _) in servers.items():
                     url = f"http://127.0.0.1:{port}"
                     with started(command, url + "/i.gif", folder / f"{label}.log", where.servers):
                         wrk(url, 1, script, where)  # warm-up
@@ -303,7 +307,7 @@ def main() -> int:
     header = ("server", "requests/s", "p50 ms", "p99 ms", "vs nginx", "vs aiohttp")
     print("{:<21}{:>12}{:>9}{:>9}{:>10}{:>12}".format(*header))
     for label, run in medians.items():
-        reference = medians[nginx_of.get(label, "nginx empty_gif")]
+        reference = medians[run_name("nginx empty_gif", servers[label][3])]
         print(
             f"{label:<21}{run.requests_per_second:>12,.0f}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}"
             f"{run.requests_per_second / reference.requests_per_second:>9.2f}x"
@@ -324,7 +328,8 @@ def main() -> int:
                     "rounds": args.rounds,
                     "seconds": args.seconds,
                     "placements": {
-                        label: dataclasses.asdict(where) for label, (_, _, where) in servers.items()
+                        label: dataclasses.asdict(where)
+                        for label, (_, _, where, _) in servers.items()
                     },
                     "scaling": efficiency,
                     **figures,
