@@ -14,7 +14,8 @@ On a PostgreSQL cluster of its own, with the flusher as the server runs it (two 
   then the same keys again (every row exists: the merge updates them all, as when a bucket
   spans several flushes);
   medians of three rounds, each in a bucket of its own; and PostgreSQL's CPU time for each,
-  which shows how much of the machine the database took;
+  which shows how much of the machine the database took; then each flush's time and the WAL it
+  wrote, round by round (a flush just after a checkpoint writes more: whole pages);
 - for a window of 1,000,000 new keys, the sealing apart from applying the batches over one
   connection.
 
@@ -66,16 +67,35 @@ def add_keys(counters: Counters, numbers: Iterable[int], bucket: int) -> None:
 
 
 @dataclasses.dataclass
+class Flush:
+    """One timed flush: its seconds, and PostgreSQL's CPU seconds and WAL bytes for it (more
+    after a checkpoint, when the first change to each page writes the whole page)."""
+
+    seconds: float
+    cpu_s: float
+    wal_bytes: int
+
+    def __str__(self) -> str:
+        return f"{self.seconds:.2f} s ({self.wal_bytes / 1e6:.0f} MB of WAL)"
+
+
+@dataclasses.dataclass
 class Flushes:
     """What :func:`stall_while_flushing` measured."""
 
     stalls_ms: list[float]  # the longest event-loop stall of each flush, in turn
     # The longest with no flush, the database as busy, as long as they took (if measured).
     control_ms: float | None
-    new_s: float  # median seconds to flush the keys new
-    again_s: float  # median seconds to flush the same keys again (every row updated)
-    new_cpu_s: float  # PostgreSQL's median CPU seconds for those flushes
-    again_cpu_s: float
+    new: list[Flush]  # each round's flush of the keys new
+    again: list[Flush]  # and of the same keys again (every row updated)
+
+    def medians(self, figure: str) -> tuple[float, float]:
+        """A figure of :class:`Flush` ("seconds", "cpu_s"): its median over the flushes of
+        new keys, and over those of the keys again."""
+        return (
+            statistics.median(getattr(flush, figure) for flush in self.new),
+            statistics.median(getattr(flush, figure) for flush in self.again),
+        )
 
     @property
     def stall_ms(self) -> float:
@@ -88,6 +108,13 @@ class Flushes:
         return (
             f"longest event-loop stall {self.stall_ms:.1f} ms (each flush's: {each}; with no"
             f" flush, the database as busy for as long: {self.control_ms} ms)"
+        )
+
+    def rounds(self) -> str:
+        """Each round's flushes, new keys and again."""
+        return "\n".join(
+            f"  round {number}: new {new}; again {again}"
+            for number, (new, again) in enumerate(zip(self.new, self.again, strict=True), 1)
         )
 
 
@@ -118,21 +145,24 @@ async def stall_while_flushing(
             if seen == fills:
                 worst = max(worst, time.perf_counter() - before - 0.001)
 
-    async def timed_flush(bucket: int) -> tuple[float, float]:
+    async def timed_flush(bucket: int) -> Flush:
         nonlocal fills, worst
         fill(counters, keys, bucket)
         fills += 1
         worst = 0.0
+        wal = await wal_position(postgres.dsn)
         cpu = database_cpu_seconds(postgres)
         started = time.perf_counter()
         await flusher.flush()
         seconds = time.perf_counter() - started
         stalls.append(round(worst * 1000, 1))
-        return seconds, database_cpu_seconds(postgres) - cpu
+        cpu = database_cpu_seconds(postgres) - cpu
+        return Flush(seconds, cpu, await wal_position(postgres.dsn) - wal)
 
     probe = asyncio.create_task(ticker())
     await asyncio.sleep(0.05)
-    new, again = [], []
+    new: list[Flush] = []
+    again: list[Flush] = []
     for round_number in range(ROUNDS):
         bucket = first_bucket + 60 * round_number
         new.append(await timed_flush(bucket))
@@ -140,19 +170,25 @@ async def stall_while_flushing(
     control_ms = None
     if control:
         worst = 0.0
-        await busy_database(postgres.dsn, sum(seconds for seconds, _ in new + again))
+        await busy_database(postgres.dsn, sum(flush.seconds for flush in new + again))
         control_ms = round(worst * 1000, 1)
     running = False
     await probe
     await flusher.close(5.0)
-    return Flushes(
-        stalls,
-        control_ms,
-        statistics.median(seconds for seconds, _ in new),
-        statistics.median(seconds for seconds, _ in again),
-        statistics.median(cpu for _, cpu in new),
-        statistics.median(cpu for _, cpu in again),
-    )
+    return Flushes(stalls, control_ms, new, again)
+
+
+async def wal_position(dsn: str) -> int:
+    """How many bytes of WAL the cluster has written in all."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        return int(
+            await connection.fetchval(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
+            )
+        )
+    finally:
+        await connection.close()
 
 
 async def busy_database(dsn: str, seconds: float) -> None:
@@ -269,15 +305,16 @@ def measure(stalls_only: bool = False) -> dict[str, float]:
             print(f"200,000 keys, PostgreSQL on a core of its own: {pinned.stalls()}")
             shared = uvloop.run(stall_while_flushing(postgres, folder / "s", 200_000, BUCKET, True))
             assert shared.control_ms is not None
+            new_s, again_s = shared.medians("seconds")
             figures.update(
                 stall_ms_200k=shared.stall_ms,
                 control_stall_ms=shared.control_ms,
-                flush_s_200k=shared.new_s,
-                reflush_s_200k=shared.again_s,
+                flush_s_200k=new_s,
+                reflush_s_200k=again_s,
             )
             print(
                 f"200,000 keys, PostgreSQL on every core: {shared.stalls()}; flushed in"
-                f" {shared.new_s:.2f} s, again in {shared.again_s:.2f} s (medians)"
+                f" {new_s:.2f} s, again in {again_s:.2f} s (medians)"
             )
             if not stalls_only:
                 figures.update(a_million_keys(postgres, folder))
@@ -291,12 +328,14 @@ def a_million_keys(postgres: EmbeddedPostgres, folder: Path) -> dict[str, float]
     million = uvloop.run(
         stall_while_flushing(postgres, folder / "m", 1_000_000, BUCKET + 3600, False)
     )
+    new_s, again_s = million.medians("seconds")
+    new_cpu_s, again_cpu_s = million.medians("cpu_s")
     print(
-        f"1,000,000 keys: flushed (sealed, copied, merged) in {million.new_s:.2f} s;"
-        f" the same keys again (every row updated) in {million.again_s:.2f} s"
-        f" (medians of {ROUNDS}), for which PostgreSQL used {million.new_cpu_s:.2f} s"
-        f" and {million.again_cpu_s:.2f} s of CPU time on this machine's"
-        f" {os.cpu_count()} cores"
+        f"1,000,000 keys: flushed (sealed, copied, merged) in {new_s:.2f} s;"
+        f" the same keys again (every row updated) in {again_s:.2f} s"
+        f" (medians of {ROUNDS}), for which PostgreSQL used {new_cpu_s:.2f} s"
+        f" and {again_cpu_s:.2f} s of CPU time on this machine's"
+        f" {os.cpu_count()} cores; by round:\n{million.rounds()}"
     )
     sealed, applied = uvloop.run(phases(postgres.dsn, 1_000_000))
     print(
@@ -304,10 +343,10 @@ def a_million_keys(postgres: EmbeddedPostgres, folder: Path) -> dict[str, float]
         f" applied over one connection in {applied:.2f} s"
     )
     return {
-        "flush_s_1m": million.new_s,
-        "reflush_s_1m": million.again_s,
-        "flush_database_cpu_s_1m": million.new_cpu_s,
-        "reflush_database_cpu_s_1m": million.again_cpu_s,
+        "flush_s_1m": new_s,
+        "reflush_s_1m": again_s,
+        "flush_database_cpu_s_1m": new_cpu_s,
+        "reflush_database_cpu_s_1m": again_cpu_s,
         "seal_s_1m": sealed,
         "apply_one_connection_s_1m": applied,
     }

@@ -114,7 +114,11 @@ class Config:
         check_dsn,
         "PostgreSQL connection string; empty starts the embedded PostgreSQL in --data-dir",
     )
-    data_dir: Path = _setting(DEFAULT_DATA_DIR, Path, "folder of the embedded PostgreSQL's data")
+    data_dir: Path = _setting(
+        DEFAULT_DATA_DIR,
+        Path,
+        "folder of the embedded PostgreSQL's data (its WAL up to about 4 GB)",
+    )
     workers: int = _setting(
         1, positive_int, "processes sharing the pixel port (SO_REUSEPORT); each counts and flushes"
     )

@@ -92,6 +92,7 @@ class EmbeddedPostgres:
         options = (
             f"-c listen_addresses='' -k {shlex.quote(str(self.socket_dir))}"
             f" -c shared_buffers={shared_buffers()} -c random_page_cost={RANDOM_PAGE_COST}"
+            f" -c max_wal_size={MAX_WAL_SIZE} -c checkpoint_timeout={CHECKPOINT_TIMEOUT}"
         )
         log_file = self.pgdata / "postgresql.log"
         self._name_owner()  # first, so that no one starting meanwhile takes it for ownerless
@@ -217,6 +218,18 @@ def _alive(pid: int) -> bool:
 # setting for SSDs, a week's report left its BRIN scan for the primary key, 788 ms against
 # 408 ms at 2 (python -m loadtests.explain_report --rows 10000000 --days 30, once with each).
 RANDOM_PAGE_COST = 2
+
+
+# Checkpoints further apart than PostgreSQL's defaults (1GB, 5min). After a checkpoint, the
+# first change to each page writes the whole page to the WAL, and a flush of a bucket's existing
+# keys changes every page of its rows: in python -m loadtests.bench_flush, a million existing
+# keys flushed just after a checkpoint wrote 164-169 MB of WAL against 72 MB and took 3.15-3.57
+# s; at the defaults, one of each run's three such flushes came after one. The costs: the WAL
+# folder holds up to about max_wal_size; a crash replays more (1.2 GB took 7.0 s to start
+# after an immediate stop); and until the first checkpoint every WAL segment is new, zeroed and
+# synced by the backend that fills it (README: "Flush figures: the WAL and checkpoints").
+MAX_WAL_SIZE = "4GB"
+CHECKPOINT_TIMEOUT = "15min"
 
 
 def shared_buffers() -> str:

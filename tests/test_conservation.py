@@ -8,7 +8,7 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -350,3 +350,21 @@ async def test_the_probe_finds_a_first_or_last_key_that_has_a_row(database: str)
         assert not await storage.first_and_last_are_new(connection, far)  # past year 9999
     finally:
         await connection.close()
+
+
+async def test_a_flush_connection_stages_a_batch_in_memory(database: str) -> None:
+    """temp_buffers, where the staging table lives, is 64 MB (a batch of 100,000 rows of the
+    longest values fits), or what the server or the DSN gives where that is more."""
+    for given, expected in (("", "64MB"), ("1MB", "64MB"), ("128MB", "128MB")):
+        parts = urlsplit(database)
+        setting = f"temp_buffers={given}" if given else ""
+        dsn = urlunsplit(parts._replace(query="&".join(filter(None, (parts.query, setting)))))
+        connection = await storage.connect(dsn, 10.0)
+        try:
+            assert await connection.fetchval("SHOW temp_buffers") == expected
+            assert await storage.apply(connection, batch_of(*affiliates(*OURS)))
+            assert await storage.apply(connection, batch_of(*affiliates(*OURS)))  # staged
+        finally:
+            await connection.close()
+    rows = await fetch(database, "SELECT affiliate, impressions FROM pixel_counts")
+    assert dict(rows) == dict.fromkeys(OURS, 6)

@@ -41,8 +41,14 @@ async def test_serve_without_dsn_runs_on_embedded_postgres_and_stops_it(
     again = pixel_server(f"--data-dir={data_dir}", env={"PIXEL_DSN": ""})
     rows = await fetch(dsn[1], "SELECT campaign, impressions FROM pixel_counts")
     assert [tuple(row) for row in rows] == [("embedded", 1)]
-    # Tuned for reads of a range of buckets through the BRIN indexes (server/embedded.py).
-    assert (await fetch(dsn[1], "SHOW random_page_cost"))[0][0] == "2"
+    # Tuned for reads of a range of buckets through the BRIN indexes, and checkpoints spaced
+    # for a table whose every page of the bucket changes at each flush (server/embedded.py).
+    for setting, value in (
+        ("random_page_cost", "2"),
+        ("max_wal_size", "4GB"),
+        ("checkpoint_timeout", "15min"),
+    ):
+        assert (await fetch(dsn[1], f"SHOW {setting}"))[0][0] == value
     assert again.terminate() == 0
 
 
