@@ -223,11 +223,12 @@ RANDOM_PAGE_COST = 2
 # Checkpoints further apart than PostgreSQL's defaults (1GB, 5min). After a checkpoint, the
 # first change to each page writes the whole page to the WAL, and a flush of a bucket's existing
 # keys changes every page of its rows: in python -m loadtests.bench_flush, a million existing
-# keys flushed just after a checkpoint wrote 164-169 MB of WAL against 72 MB and took 3.15-3.57
-# s; at the defaults, one of each run's three such flushes came after one. The costs: the WAL
-# folder holds up to about max_wal_size; a crash replays more (1.2 GB took 7.0 s to start
-# after an immediate stop); and until the first checkpoint every WAL segment is new, zeroed and
-# synced by the backend that fills it (README: "Flush figures: the WAL and checkpoints").
+# keys flushed just after a checkpoint wrote 164-169 MB of WAL against 72-86 MB and took
+# 3.15-3.57 s, where the others took 2.32-3.18 s; at the defaults a checkpoint came every two
+# or three such flushes. The costs: the WAL folder holds up to about max_wal_size; a crash
+# replays more (1.2 GB took 7.0 s to start after an immediate stop); and until the first
+# checkpoint every WAL segment is new, zeroed and synced by the backend that fills it (README:
+# "Flush figures: the WAL and checkpoints").
 MAX_WAL_SIZE = "4GB"
 CHECKPOINT_TIMEOUT = "15min"
 

@@ -27,22 +27,38 @@ COMMAND_TIMEOUT = 60.0
 KEY_COLUMNS = ("bucket", "campaign", "creative", "affiliate", "sub_id")
 TABLE_COLUMNS = (*KEY_COLUMNS, *COUNT_COLUMNS)
 
-# The staging table lives in the connection's own buffers, temp_buffers, which PostgreSQL
-# fixes at a session's first use of a temporary table. Its default, 8 MB, is less than a batch
-# (100,000 rows of the benchmarks' keys stage as 12.5 MB; with every value of the longest, 128
-# bytes, 60.5 MB): merges wrote the overflow to temporary files and read it back, 95 MB of
-# writes per million keys (pg_stat_io). With 64 MB, or the server's setting where larger, a
-# million existing keys merged over one connection in 3.38 s against 3.45 s (medians of six
-# alternating rounds, each after a checkpoint).
-STAGING_BUFFERS = 64 << 20
-_STAGING = f"""
-SELECT set_config('temp_buffers', greatest(pg_size_bytes(current_setting('temp_buffers')),
-    {STAGING_BUFFERS}) / 1024 || 'kB', false);
+_STAGING = """
 CREATE TEMPORARY TABLE IF NOT EXISTS pixel_staging (
     bucket timestamptz, campaign text, creative text, affiliate text, sub_id text,
     impressions bigint, givt_impressions bigint, measurable bigint, viewable bigint,
     clicks bigint, givt_clicks bigint
 ) ON COMMIT DELETE ROWS
+"""
+
+
+def _at_least(setting: str, size: str, local: bool) -> str:
+    """A call of set_config() that raises a memory setting to ``size`` (an expression of bytes)
+    unless it is larger already: for the transaction (``local``) or the session."""
+    return (
+        f"set_config('{setting}', greatest(pg_size_bytes(current_setting('{setting}')), {size})"
+        f" / 1024 || 'kB', {'true' if local else 'false'})"
+    )
+
+
+# The staging table lives in the connection's own buffers, temp_buffers, 8 MB by default: less
+# than a batch (100,000 rows of the benchmarks' keys stage as 12.5 MB; with every value of the
+# longest, 128 bytes, 60.5 MB), so merges wrote the overflow to the table's files and read it
+# back, 95 MB of writes per million keys (pg_stat_io). So a flush connection takes 64 MB, or
+# the server's setting where larger: memory taken as the table grows, freed when it closes.
+# PostgreSQL fixes the setting at a session's first use of a temporary table; a session that
+# has used one (a server connection a pooler hands on) keeps its buffers as they are.
+STAGING_BUFFERS = 64 << 20
+_STAGING_BUFFERS = f"""
+DO $$ BEGIN
+    PERFORM {_at_least("temp_buffers", str(STAGING_BUFFERS), local=False)};
+EXCEPTION WHEN invalid_parameter_value THEN
+    NULL;
+END $$
 """
 
 
@@ -91,8 +107,7 @@ WHERE {_ROW_KEY} = {_key_of("s")} AND {_IN_RANGE}"""
 _MERGE_JOIN_PLAN = (
     "SET LOCAL enable_nestloop = off; SET LOCAL enable_hashjoin = off;"
     " SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL jit = off;"
-    " SELECT set_config('work_mem', greatest(pg_size_bytes(current_setting('work_mem')),"
-    " {bytes}) / 1024 || 'kB', true)"
+    " SELECT " + _at_least("work_mem", "{bytes}", local=True)
 )
 
 # How many rows the table holds in the staged batch's key range ($1-$10), counted up to $12;
@@ -195,15 +210,22 @@ async def connect(dsn: str, timeout: float, *, migrating: bool = True) -> Any:
     (``migrating=False``), prepares staging."""
     connection = await asyncpg.connect(dsn, timeout=timeout, command_timeout=COMMAND_TIMEOUT)
     try:
+        await prepare_staging(connection)  # first, before anything uses a temporary table
         if migrating:
             applied = await migrate(connection)
             if applied:
                 log.info("applied schema migrations %s", ", ".join(map(str, applied)))
-        await connection.execute(_STAGING)
     except BaseException:
         await connection.close(timeout=timeout)
         raise
     return connection
+
+
+async def prepare_staging(connection: Any) -> None:
+    """Gives the session :data:`STAGING_BUFFERS` of temp_buffers at least, unless it has used
+    a temporary table already, and creates its staging table."""
+    await connection.execute(_STAGING_BUFFERS)
+    await connection.execute(_STAGING)
 
 
 # The ledger's rows are pruned this many at a time, each chunk a short transaction of its own.

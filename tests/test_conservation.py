@@ -352,19 +352,50 @@ async def test_the_probe_finds_a_first_or_last_key_that_has_a_row(database: str)
         await connection.close()
 
 
-async def test_a_flush_connection_stages_a_batch_in_memory(database: str) -> None:
-    """temp_buffers, where the staging table lives, is 64 MB (a batch of 100,000 rows of the
-    longest values fits), or what the server or the DSN gives where that is more."""
-    for given, expected in (("", "64MB"), ("1MB", "64MB"), ("128MB", "128MB")):
+async def test_a_flush_connection_stages_in_64_mb_of_temp_buffers_or_more(database: str) -> None:
+    """The staging table's buffers are 64 MB (a batch of 100,000 rows of the longest values
+    fits), or what the server or the DSN gives where that is more."""
+    staging = storage.STAGING_BUFFERS
+    for given in (None, staging >> 6, staging * 2):
         parts = urlsplit(database)
-        setting = f"temp_buffers={given}" if given else ""
-        dsn = urlunsplit(parts._replace(query="&".join(filter(None, (parts.query, setting)))))
+        setting = [] if given is None else [f"temp_buffers={given >> 10}kB"]
+        dsn = urlunsplit(parts._replace(query="&".join([*filter(None, [parts.query]), *setting])))
+        plain = await asyncpg.connect(dsn)
+        try:
+            before = await plain.fetchval(TEMP_BUFFERS)
+        finally:
+            await plain.close()
         connection = await storage.connect(dsn, 10.0)
         try:
-            assert await connection.fetchval("SHOW temp_buffers") == expected
-            assert await storage.apply(connection, batch_of(*affiliates(*OURS)))
-            assert await storage.apply(connection, batch_of(*affiliates(*OURS)))  # staged
+            assert await connection.fetchval(TEMP_BUFFERS) == max(before, staging)
+            await applied_twice(connection)
         finally:
             await connection.close()
     rows = await fetch(database, "SELECT affiliate, impressions FROM pixel_counts")
     assert dict(rows) == dict.fromkeys(OURS, 6)
+
+
+async def test_a_session_that_used_temporary_tables_keeps_its_buffers(database: str) -> None:
+    """As a server connection a pooler hands on may have: PostgreSQL refuses to change them
+    then, and the flusher stages in them as they are."""
+    await (await storage.connect(database, 10.0)).close()  # the schema
+    connection = await asyncpg.connect(database, server_settings={"temp_buffers": "8MB"})
+    try:
+        await connection.execute("CREATE TEMPORARY TABLE used (n int); INSERT INTO used VALUES (1)")
+        await storage.prepare_staging(connection)
+        assert await connection.fetchval(TEMP_BUFFERS) == 8 << 20
+        await applied_twice(connection)
+    finally:
+        await connection.close()
+    rows = await fetch(database, "SELECT affiliate, impressions FROM pixel_counts")
+    assert dict(rows) == dict.fromkeys(OURS, 2)
+
+
+TEMP_BUFFERS = "SELECT pg_size_bytes(current_setting('temp_buffers'))"
+
+
+async def applied_twice(connection: asyncpg.Connection) -> None:
+    """Applies a batch of one impression for each of OURS: copied into the table the first
+    time, merged through the staging table the second."""
+    for _ in range(2):
+        assert await storage.apply(connection, batch_of(*affiliates(*OURS)))
