@@ -42,6 +42,7 @@ import orjson
 import uvloop
 
 from _fastcount import COLUMNS, IMPRESSIONS, Counters
+from loadtests.processes import stat_fields
 from server import storage
 from server.batch import Batch, seal
 from server.embedded import EmbeddedPostgres
@@ -228,7 +229,7 @@ def database_cpu_seconds(postgres: EmbeddedPostgres) -> float:
     ticks = 0
     for pid in (postmaster, *_children(postmaster)):
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            fields = stat_fields(f"/proc/{pid}/stat")
             ticks += int(fields[11]) + int(fields[12])  # utime, stime
             if pid == postmaster:
                 ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
@@ -265,8 +266,7 @@ def _children(parent: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
-            # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
-            if int(stat.read_text().rpartition(")")[2].split()[1]) == parent:
+            if int(stat_fields(stat)[1]) == parent:
                 found.append(int(stat.parent.name))
     return found
 

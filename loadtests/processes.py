@@ -1,4 +1,5 @@
-"""Real ``pixel-server serve`` processes, for the load programs and the tests."""
+"""Real ``pixel-server serve`` processes, and what /proc says of a process, for the load
+programs and the tests."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import urllib.request
 from pathlib import Path
 
 PIXEL_SERVER = str(Path(sys.executable).parent / "pixel-server")
+
+
+def stat_fields(path: str | Path) -> list[str]:
+    """The fields of a /proc stat file after the command's name, which is in parentheses and may
+    hold spaces: the state, the parent's pid, and so on (proc(5) numbers them from 3)."""
+    return Path(path).read_text().rpartition(")")[2].split()
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ import pytest
 
 import _fastcount
 from _fastcount import IMPRESSIONS, Counters, Window
+from loadtests.processes import stat_fields
 from server import batch as batch_module
 from server.batch import Batch, seal_window
 from server.flusher import Flusher
@@ -67,12 +68,11 @@ def engine_threads() -> dict[int, int]:
     for task in os.listdir("/proc/self/task"):
         try:
             comm = Path(f"/proc/self/task/{task}/comm").read_text().strip()
-            stat = Path(f"/proc/self/task/{task}/stat").read_text()
+            fields = stat_fields(f"/proc/self/task/{task}/stat")
         except OSError:
             continue
         if comm == "fastcount-low":
-            # After the name (in parentheses), the fields from the state on: nice is the 19th.
-            found[int(task)] = int(stat.rpartition(")")[2].split()[16])
+            found[int(task)] = int(fields[16])  # nice: field 19 of proc(5)
     return found
 
 
