@@ -1,6 +1,7 @@
 """Flush figures: event-loop stall while flushing, time to flush a million keys, memory per key.
 
-    python -m loadtests.bench_flush [--stalls-only] [--json flush.json]
+    python -m loadtests.bench_flush [--stalls-only | --million-only] [--rounds 3]
+                                    [--warm-memory MB] [--json flush.json]
 
 On a PostgreSQL cluster of its own, with the flusher as the server runs it (two connections,
 ``--flush-connections``' default), it prints:
@@ -13,14 +14,20 @@ On a PostgreSQL cluster of its own, with the flusher as the server runs it (two 
 - the time to seal and apply a window of 1,000,000 new keys (copied straight into the table),
   then the same keys again (every row exists: the merge updates them all, as when a bucket
   spans several flushes);
-  medians of three rounds, each in a bucket of its own; and PostgreSQL's CPU time for each,
-  which shows how much of the machine the database took; then each flush's time and the WAL it
-  wrote, round by round (a flush just after a checkpoint writes more: whole pages);
+  medians of ``--rounds`` rounds, each in a bucket of its own; and PostgreSQL's CPU time for
+  each, which shows how much of the machine the database took; then, round by round, each
+  flush's time, the WAL it wrote, how much the page cache grew (Cached and Buffers in
+  /proc/meminfo) and PostgreSQL's CPU time in user mode and in the kernel (a flush just after
+  a checkpoint writes more WAL: whole pages; the kernel's time grows where the page cache
+  grows into memory that a virtual machine's host has taken back, README: "Flush figures:
+  memory the host took back");
 - for a window of 1,000,000 new keys, the sealing apart from applying the batches over one
   connection.
 
 ``--stalls-only`` measures the 200,000-key runs alone: their stalls, their controls and how long
-their flushes took.
+their flushes took; ``--million-only`` the million-key flushes alone. ``--warm-memory MB``
+touches and frees that much memory before each million-key flush, untimed
+(:func:`warm_memory`): a lab check of how much a virtual machine's memory adds.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import mmap
 import os
 import statistics
 import sys
@@ -36,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 import orjson
@@ -45,6 +54,7 @@ from _fastcount import COLUMNS, IMPRESSIONS, Counters
 from loadtests.processes import stat_fields
 from server import storage
 from server.batch import Batch, seal
+from server.config import positive_int
 from server.embedded import EmbeddedPostgres
 from server.flusher import Flusher
 from server.metrics import Metrics, resident_bytes
@@ -67,17 +77,37 @@ def add_keys(counters: Counters, numbers: Iterable[int], bucket: int) -> None:
         )
 
 
+class CpuTime(NamedTuple):
+    """CPU seconds in user mode and in the kernel."""
+
+    user: float
+    system: float
+
+    def __sub__(self, other: CpuTime) -> CpuTime:
+        return CpuTime(self.user - other.user, self.system - other.system)
+
+    @property
+    def total(self) -> float:
+        return self.user + self.system
+
+
 @dataclasses.dataclass
 class Flush:
-    """One timed flush: its seconds, and PostgreSQL's CPU seconds and WAL bytes for it (more
-    after a checkpoint, when the first change to each page writes the whole page)."""
+    """One timed flush: its seconds; the WAL bytes it wrote (more after a checkpoint, when the
+    first change to each page writes the whole page); how much the page cache grew; and
+    PostgreSQL's CPU time for it."""
 
     seconds: float
-    cpu_s: float
     wal_bytes: int
+    cache_bytes: int
+    cpu: CpuTime
 
     def __str__(self) -> str:
-        return f"{self.seconds:.2f} s ({self.wal_bytes / 1e6:.0f} MB of WAL)"
+        return (
+            f"{self.seconds:.2f} s ({self.wal_bytes / 1e6:.0f} MB of WAL, page cache"
+            f" {self.cache_bytes / 1e6:+.0f} MB; PostgreSQL's CPU {self.cpu.user:.2f} s user,"
+            f" {self.cpu.system:.2f} s system)"
+        )
 
 
 @dataclasses.dataclass
@@ -115,14 +145,44 @@ class Flushes:
         )
 
 
+def warm_memory(size: int) -> None:
+    """Touches ``size`` bytes of memory and frees them, so that the pages the page cache takes
+    next are pages the machine holds: a virtual machine whose balloon reports free pages to its
+    host hands them back, and the host backs each again only at its first touch."""
+    region = mmap.mmap(-1, size)
+    try:
+        piece = bytes(1 << 20)
+        for start in range(0, size, len(piece)):
+            region[start : start + len(piece)] = piece[: size - start]
+    finally:
+        region.close()
+
+
+def page_cache_bytes() -> int:
+    """The kernel's page cache: Cached and Buffers in /proc/meminfo."""
+    kib = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("Cached", "Buffers"):
+            kib += int(value.split()[0])
+    return kib << 10
+
+
 async def stall_while_flushing(
-    postgres: EmbeddedPostgres, spool: Path, keys: int, first_bucket: int, control: bool
+    postgres: EmbeddedPostgres,
+    spool: Path,
+    keys: int,
+    first_bucket: int,
+    control: bool,
+    rounds: int = ROUNDS,
+    warm_bytes: int = 0,
 ) -> Flushes:
-    """Flushes ``keys`` new keys, then the same keys again, as the server does, in ROUNDS
+    """Flushes ``keys`` new keys, then the same keys again, as the server does, in ``rounds``
     rounds, each in a bucket of its own from ``first_bucket`` on, while a 1 ms ticker
-    measures how late the event loop wakes. Then, with ``control``, the ticker alone for as
-    long as the flushes took, while PostgreSQL spins on as many connections: what the machine
-    itself adds to the stall."""
+    measures how late the event loop wakes; each just after :func:`warm_memory` of
+    ``warm_bytes``, if any. Then, with ``control``, the ticker alone for as long as the flushes
+    took, while PostgreSQL spins on as many connections: what the machine itself adds to the
+    stall."""
     counters = Counters(max_keys=2 * keys)
     flusher = Flusher(
         counters, postgres.dsn, Metrics(), 1.0, Spool(spool, 1 << 30), 10, CONNECTIONS
@@ -130,7 +190,7 @@ async def stall_while_flushing(
     await flusher.flush()  # connect and migrate first
     worst = 0.0  # of the flush in progress
     running = True
-    fills = 0  # a tick across a fill() of the counters is not the flusher's stall
+    fills = 0  # a tick across a fill() of the counters (or warm_memory()) is not a stall
     stalls: list[float] = []
 
     async def ticker() -> None:
@@ -145,22 +205,25 @@ async def stall_while_flushing(
     async def timed_flush(bucket: int) -> Flush:
         nonlocal fills, worst
         fill(counters, keys, bucket)
+        if warm_bytes:
+            warm_memory(warm_bytes)
         fills += 1
         wal = await wal_position(postgres.dsn)
-        cpu = database_cpu_seconds(postgres)  # reads /proc, holding up the loop: not a stall
+        # These read /proc, holding up the loop: not a stall.
+        cache, cpu = page_cache_bytes(), database_cpu_time(postgres)
         worst = 0.0
         started = time.perf_counter()
         await flusher.flush()
         seconds = time.perf_counter() - started
         stalls.append(round(worst * 1000, 1))
-        cpu = database_cpu_seconds(postgres) - cpu
-        return Flush(seconds, cpu, await wal_position(postgres.dsn) - wal)
+        cache, cpu = page_cache_bytes() - cache, database_cpu_time(postgres) - cpu
+        return Flush(seconds, await wal_position(postgres.dsn) - wal, cache, cpu)
 
     probe = asyncio.create_task(ticker())
     await asyncio.sleep(0.05)
     new: list[Flush] = []
     again: list[Flush] = []
-    for round_number in range(ROUNDS):
+    for round_number in range(rounds):
         bucket = first_bucket + 60 * round_number
         new.append(await timed_flush(bucket))
         again.append(await timed_flush(bucket))  # the same keys: every merge is an update
@@ -221,19 +284,21 @@ async def phases(dsn: str, keys: int) -> tuple[float, float]:
     return sealed, applied
 
 
-def database_cpu_seconds(postgres: EmbeddedPostgres) -> float:
-    """The CPU time PostgreSQL's processes have used, user and system: the postmaster's, its
-    running children's, and its exited children's (autovacuum workers, say), which the
-    postmaster collected."""
+def database_cpu_time(postgres: EmbeddedPostgres) -> CpuTime:
+    """The CPU time PostgreSQL's processes have used: the postmaster's, its running children's,
+    and its exited children's (autovacuum workers, say), which the postmaster collected."""
     postmaster = _postmaster(postgres)
-    ticks = 0
+    user = system = 0
     for pid in (postmaster, *_children(postmaster)):
         with contextlib.suppress(OSError):
             fields = stat_fields(f"/proc/{pid}/stat")
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
             if pid == postmaster:
-                ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+                user += int(fields[13])  # cutime
+                system += int(fields[14])  # cstime
+    tick = os.sysconf("SC_CLK_TCK")
+    return CpuTime(user / tick, system / tick)
 
 
 @contextlib.contextmanager
@@ -271,9 +336,10 @@ def _children(parent: int) -> list[int]:
     return found
 
 
-def measure(stalls_only: bool = False) -> dict[str, float]:
+def measure(part: str | None = None, rounds: int = ROUNDS, warm_bytes: int = 0) -> dict[str, float]:
+    """The figures; ``part`` "stalls" or "million" for those alone."""
     figures: dict[str, float] = {}
-    if not stalls_only:
+    if part is None:
         # Memory first, in a process that has not freed any heap yet to reuse.
         counters = Counters(max_keys=2_000_000)
         fill(counters, 1)
@@ -289,47 +355,57 @@ def measure(stalls_only: bool = False) -> dict[str, float]:
         postgres = EmbeddedPostgres(folder / "db")
         postgres.start()
         try:
-            with database_on_its_own_core(postgres):
-                pinned = uvloop.run(
-                    stall_while_flushing(postgres, folder / "p", 200_000, BUCKET - 3600, True)
-                )
-            assert pinned.control_ms is not None
-            figures.update(
-                stall_ms_200k_own_core=pinned.stall_ms,
-                control_stall_ms_own_core=pinned.control_ms,
-            )
-            print(f"200,000 keys, PostgreSQL on a core of its own: {pinned.stalls()}")
-            shared = uvloop.run(stall_while_flushing(postgres, folder / "s", 200_000, BUCKET, True))
-            assert shared.control_ms is not None
-            new_s, again_s = shared.medians(lambda flush: flush.seconds)
-            figures.update(
-                stall_ms_200k=shared.stall_ms,
-                control_stall_ms=shared.control_ms,
-                flush_s_200k=new_s,
-                reflush_s_200k=again_s,
-            )
-            print(
-                f"200,000 keys, PostgreSQL on every core: {shared.stalls()}; flushed in"
-                f" {new_s:.2f} s, again in {again_s:.2f} s (medians)"
-            )
-            if not stalls_only:
-                figures.update(a_million_keys(postgres, folder))
+            if part != "million":
+                figures.update(stalls(postgres, folder))
+            if part != "stalls":
+                figures.update(a_million_keys(postgres, folder, rounds, warm_bytes))
         finally:
             postgres.stop()
     return figures
 
 
-def a_million_keys(postgres: EmbeddedPostgres, folder: Path) -> dict[str, float]:
+def stalls(postgres: EmbeddedPostgres, folder: Path) -> dict[str, float]:
+    """The 200,000-key figures: the stalls with PostgreSQL on a core of its own and on every
+    core, their controls, and the flushes' times."""
+    with database_on_its_own_core(postgres):
+        pinned = uvloop.run(
+            stall_while_flushing(postgres, folder / "p", 200_000, BUCKET - 3600, True)
+        )
+    assert pinned.control_ms is not None
+    print(f"200,000 keys, PostgreSQL on a core of its own: {pinned.stalls()}")
+    shared = uvloop.run(stall_while_flushing(postgres, folder / "s", 200_000, BUCKET, True))
+    assert shared.control_ms is not None
+    new_s, again_s = shared.medians(lambda flush: flush.seconds)
+    print(
+        f"200,000 keys, PostgreSQL on every core: {shared.stalls()}; flushed in"
+        f" {new_s:.2f} s, again in {again_s:.2f} s (medians)"
+    )
+    return {
+        "stall_ms_200k_own_core": pinned.stall_ms,
+        "control_stall_ms_own_core": pinned.control_ms,
+        "stall_ms_200k": shared.stall_ms,
+        "control_stall_ms": shared.control_ms,
+        "flush_s_200k": new_s,
+        "reflush_s_200k": again_s,
+    }
+
+
+def a_million_keys(
+    postgres: EmbeddedPostgres, folder: Path, rounds: int, warm_bytes: int
+) -> dict[str, float]:
     """The million-key figures: flushed new and again, and by phase."""
     million = uvloop.run(
-        stall_while_flushing(postgres, folder / "m", 1_000_000, BUCKET + 3600, False)
+        stall_while_flushing(
+            postgres, folder / "m", 1_000_000, BUCKET + 3600, False, rounds, warm_bytes
+        )
     )
     new_s, again_s = million.medians(lambda flush: flush.seconds)
-    new_cpu_s, again_cpu_s = million.medians(lambda flush: flush.cpu_s)
+    new_cpu_s, again_cpu_s = million.medians(lambda flush: flush.cpu.total)
+    warmed = f", each after {warm_bytes >> 20} MB of memory warmed" if warm_bytes else ""
     print(
-        f"1,000,000 keys: flushed (sealed, copied, merged) in {new_s:.2f} s;"
+        f"1,000,000 keys{warmed}: flushed (sealed, copied, merged) in {new_s:.2f} s;"
         f" the same keys again (every row updated) in {again_s:.2f} s"
-        f" (medians of {ROUNDS}), for which PostgreSQL used {new_cpu_s:.2f} s"
+        f" (medians of {rounds}), for which PostgreSQL used {new_cpu_s:.2f} s"
         f" and {again_cpu_s:.2f} s of CPU time on this machine's"
         f" {os.cpu_count()} cores; by round:\n{million.rounds()}"
     )
@@ -351,11 +427,33 @@ def a_million_keys(postgres: EmbeddedPostgres, folder: Path) -> dict[str, float]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    part = parser.add_mutually_exclusive_group()
+    part.add_argument(
+        "--stalls-only",
+        action="store_const",
+        const="stalls",
+        dest="part",
+        help="only the 200,000-key stalls and controls",
+    )
+    part.add_argument(
+        "--million-only",
+        action="store_const",
+        const="million",
+        dest="part",
+        help="only the million-key flushes",
+    )
     parser.add_argument(
-        "--stalls-only", action="store_true", help="only the 200,000-key stalls and controls"
+        "--rounds", type=positive_int, default=ROUNDS, help="million-key rounds (default 3)"
+    )
+    parser.add_argument(
+        "--warm-memory",
+        type=positive_int,
+        default=0,
+        metavar="MB",
+        help="touch and free this much memory before each million-key flush, untimed",
     )
     args = parser.parse_args(argv)
-    figures = measure(args.stalls_only)
+    figures = measure(args.part, args.rounds, args.warm_memory << 20)
     if args.json:
         args.json.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
     return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 import uvloop
 
 from _fastcount import COLUMNS, Counters
-from loadtests.bench_flush import BUCKET, add_keys, database_cpu_seconds
+from loadtests.bench_flush import BUCKET, add_keys, database_cpu_time
 from server import storage
 from server.batch import Batch, seal
 from server.config import positive_int
@@ -58,16 +58,16 @@ async def measure(postgres: EmbeddedPostgres, rounds: int) -> None:
                     await connection.execute("CHECKPOINT")
                     window_batches = await batches(bucket, range(KEYS))
                     storage.MERGE_JOIN_SINCE = since if joins else sys.maxsize
-                    cpu = database_cpu_seconds(postgres)
+                    cpu = database_cpu_time(postgres)
                     started = time.perf_counter()
                     for batch in window_batches:
                         await storage.apply(connection, batch)
                     seconds = time.perf_counter() - started
-                    cpu = database_cpu_seconds(postgres) - cpu
+                    cpu_s = (database_cpu_time(postgres) - cpu).total
                     storage.MERGE_JOIN_SINCE = since
                     print(
                         f"{window}, round {round_number + 1}, {way}: {seconds:.2f} s,"
-                        f" PostgreSQL CPU {cpu:.2f} s",
+                        f" PostgreSQL CPU {cpu_s:.2f} s",
                         flush=True,
                     )
     finally:

@@ -1,10 +1,12 @@
 """The benchmark harness's plan: where the servers and wrk run for each number of workers, and
-the scaling it reports. (The benchmarks themselves print figures; no test asserts a timing.)"""
+the scaling it reports; the flush benchmark's options. (The benchmarks themselves print
+figures; no test asserts a timing.)"""
 
 from __future__ import annotations
 
 import pytest
 
+from loadtests import bench_flush
 from loadtests.bench import Placement, Run, placement, scaling
 
 
@@ -45,3 +47,23 @@ def test_scaling_is_requests_per_second_over_n_times_one_workers() -> None:
     # Without one worker's run there is nothing to scale against.
     del medians["pixel-server"]
     assert scaling(medians, [4]) == {"nginx empty_gif x4": pytest.approx(0.95)}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--warm-memory", "0"], "argument --warm-memory: invalid positive_int value: '0'"),
+        (["--rounds", "-3"], "argument --rounds: invalid positive_int value: '-3'"),
+        (
+            ["--stalls-only", "--million-only"],
+            "argument --million-only: not allowed with argument --stalls-only",
+        ),
+    ],
+)
+def test_bench_flush_refuses_bad_options_before_it_starts_anything(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bench_flush.main(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
