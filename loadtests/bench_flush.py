@@ -1,7 +1,7 @@
 """Flush figures: event-loop stall while flushing, time to flush a million keys, memory per key.
 
     python -m loadtests.bench_flush [--stalls-only | --million-only] [--rounds 3]
-                                    [--warm-memory MB] [--json flush.json]
+                                    [--warm-memory MIB] [--json flush.json]
 
 On a PostgreSQL cluster of its own, with the flusher as the server runs it (two connections,
 ``--flush-connections``' default), it prints:
@@ -16,17 +16,16 @@ On a PostgreSQL cluster of its own, with the flusher as the server runs it (two 
   spans several flushes);
   medians of ``--rounds`` rounds, each in a bucket of its own; and PostgreSQL's CPU time for
   each, which shows how much of the machine the database took; then, round by round, each
-  flush's time, the WAL it wrote, how much the page cache grew (Cached and Buffers in
-  /proc/meminfo) and PostgreSQL's CPU time in user mode and in the kernel (a flush just after
-  a checkpoint writes more WAL: whole pages; the kernel's time grows where the page cache
-  grows into memory that a virtual machine's host has taken back, README: "Flush figures:
-  memory the host took back");
+  flush's time, the WAL it wrote, how much the page cache grew (Cached and Buffers, less
+  Shmem, in /proc/meminfo) and PostgreSQL's CPU time in user mode and in the kernel (a flush
+  just after a checkpoint writes more WAL: whole pages; the slow rounds' extra time has been
+  PostgreSQL's time in the kernel, README: "Flush figures: the slow rounds' time in the kernel");
 - for a window of 1,000,000 new keys, the sealing apart from applying the batches over one
   connection.
 
 ``--stalls-only`` measures the 200,000-key runs alone: their stalls, their controls and how long
-their flushes took; ``--million-only`` the million-key flushes alone. ``--warm-memory MB``
-touches and frees that much memory before each million-key flush, untimed
+their flushes took; ``--million-only`` the million-key flushes alone. ``--warm-memory MIB``
+touches and frees that many MiB of memory before each million-key flush, untimed
 (:func:`warm_memory`): a lab check of how much a virtual machine's memory adds.
 """
 
@@ -44,7 +43,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal
 
 import asyncpg
 import orjson
@@ -77,7 +76,8 @@ def add_keys(counters: Counters, numbers: Iterable[int], bucket: int) -> None:
         )
 
 
-class CpuTime(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class CpuTime:
     """CPU seconds in user mode and in the kernel."""
 
     user: float
@@ -147,8 +147,8 @@ class Flushes:
 
 def warm_memory(size: int) -> None:
     """Touches ``size`` bytes of memory and frees them, so that the pages the page cache takes
-    next are pages the machine holds: a virtual machine whose balloon reports free pages to its
-    host hands them back, and the host backs each again only at its first touch."""
+    next may be pages the machine holds: a virtual machine whose balloon reports free pages to
+    its host hands them back, and the host backs each again only at its first touch."""
     region = mmap.mmap(-1, size)
     try:
         piece = bytes(1 << 20)
@@ -159,13 +159,14 @@ def warm_memory(size: int) -> None:
 
 
 def page_cache_bytes() -> int:
-    """The kernel's page cache: Cached and Buffers in /proc/meminfo."""
-    kib = 0
+    """The kernel's cache of files: Cached and Buffers in /proc/meminfo, less Shmem, which
+    Cached counts too (PostgreSQL's shared_buffers among it, as its pages are first touched)."""
+    kib = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
         name, _, value = line.partition(":")
-        if name in ("Cached", "Buffers"):
-            kib += int(value.split()[0])
-    return kib << 10
+        if name in ("Cached", "Buffers", "Shmem"):
+            kib[name] = int(value.split()[0])
+    return (kib["Cached"] + kib["Buffers"] - kib["Shmem"]) << 10
 
 
 async def stall_while_flushing(
@@ -190,7 +191,9 @@ async def stall_while_flushing(
     await flusher.flush()  # connect and migrate first
     worst = 0.0  # of the flush in progress
     running = True
-    fills = 0  # a tick across a fill() of the counters (or warm_memory()) is not a stall
+    # A tick across what precedes each flush (filling the counters, warm_memory(), reading
+    # /proc) is not the flush's stall: the count moves on just before the flush starts.
+    fills = 0
     stalls: list[float] = []
 
     async def ticker() -> None:
@@ -207,10 +210,9 @@ async def stall_while_flushing(
         fill(counters, keys, bucket)
         if warm_bytes:
             warm_memory(warm_bytes)
-        fills += 1
         wal = await wal_position(postgres.dsn)
-        # These read /proc, holding up the loop: not a stall.
         cache, cpu = page_cache_bytes(), database_cpu_time(postgres)
+        fills += 1
         worst = 0.0
         started = time.perf_counter()
         await flusher.flush()
@@ -336,7 +338,12 @@ def _children(parent: int) -> list[int]:
     return found
 
 
-def measure(part: str | None = None, rounds: int = ROUNDS, warm_bytes: int = 0) -> dict[str, float]:
+Part = Literal["stalls", "million"]
+
+
+def measure(
+    part: Part | None = None, rounds: int = ROUNDS, warm_bytes: int = 0
+) -> dict[str, float]:
     """The figures; ``part`` "stalls" or "million" for those alone."""
     figures: dict[str, float] = {}
     if part is None:
@@ -401,7 +408,7 @@ def a_million_keys(
     )
     new_s, again_s = million.medians(lambda flush: flush.seconds)
     new_cpu_s, again_cpu_s = million.medians(lambda flush: flush.cpu.total)
-    warmed = f", each after {warm_bytes >> 20} MB of memory warmed" if warm_bytes else ""
+    warmed = f", each after {warm_bytes >> 20} MiB of memory warmed" if warm_bytes else ""
     print(
         f"1,000,000 keys{warmed}: flushed (sealed, copied, merged) in {new_s:.2f} s;"
         f" the same keys again (every row updated) in {again_s:.2f} s"
@@ -443,16 +450,23 @@ def main(argv: list[str] | None = None) -> int:
         help="only the million-key flushes",
     )
     parser.add_argument(
-        "--rounds", type=positive_int, default=ROUNDS, help="million-key rounds (default 3)"
+        "--rounds",
+        type=positive_int,
+        default=ROUNDS,
+        help="million-key rounds (default %(default)s)",
     )
     parser.add_argument(
         "--warm-memory",
         type=positive_int,
         default=0,
-        metavar="MB",
-        help="touch and free this much memory before each million-key flush, untimed",
+        metavar="MIB",
+        help="touch and free this many MiB of memory before each million-key flush, untimed",
     )
     args = parser.parse_args(argv)
+    if args.part == "stalls" and (args.rounds != ROUNDS or args.warm_memory):
+        parser.error(
+            "--rounds and --warm-memory are for the million-key flushes, not --stalls-only"
+        )
     figures = measure(args.part, args.rounds, args.warm_memory << 20)
     if args.json:
         args.json.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))

@@ -58,6 +58,10 @@ def test_scaling_is_requests_per_second_over_n_times_one_workers() -> None:
             ["--stalls-only", "--million-only"],
             "argument --million-only: not allowed with argument --stalls-only",
         ),
+        (
+            ["--stalls-only", "--warm-memory", "512"],
+            "--rounds and --warm-memory are for the million-key flushes, not --stalls-only",
+        ),
     ],
 )
 def test_bench_flush_refuses_bad_options_before_it_starts_anything(
