@@ -199,10 +199,10 @@ def queries(end: datetime) -> Iterator[tuple[str, str, list[Any]]]:
 VIEW_INDEXES = """
 CREATE INDEX pixel_counts_hour_brin ON pixel_counts
     USING brin ((date_trunc('hour', bucket AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'))
-    WITH (autosummarize = on);
+    WITH (autosummarize = off);
 CREATE INDEX pixel_counts_day_brin ON pixel_counts
     USING brin ((date_trunc('day', bucket AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'))
-    WITH (autosummarize = on);
+    WITH (autosummarize = off);
 ANALYZE pixel_counts;
 """
 YESTERDAYS_AFFILIATES = """

@@ -45,6 +45,8 @@ CONNECT_TIMEOUT = 5.0
 # How often the ledger's old rows are pruned (by one server of those sharing the database).
 PRUNING_INTERVAL = 3600.0
 PRUNING_BUDGET = 1.0  # seconds a flush may spend pruning
+# How often the BRIN indexes' new page ranges are summarized (by one server at a time).
+SUMMARIZING_INTERVAL = 10.0
 # A batch may have been applied (its commit's answer lost) this long before it was spooled.
 SPOOLING_MARGIN = 3600.0
 # Errors of a spool entry that is no file to read, and never will be.
@@ -98,6 +100,7 @@ class Flusher:
         self._connection_count = connections
         self._ledger_seconds = ledger_seconds
         self._prune_at = 0.0  # loop time of the next pruning
+        self._summarize_at = 0.0  # and of the next summarizing
         self._failures = 0
         self._retry_at = 0.0
         self._stopping = asyncio.Event()
@@ -376,8 +379,11 @@ class Flusher:
         self._failures = 0
         self._retry_at = 0.0
         self.problem = ""
-        if asyncio.get_running_loop().time() >= self._prune_at:
+        now = asyncio.get_running_loop().time()
+        if now >= self._prune_at:
             await self._prune_ledger()
+        if now >= self._summarize_at:
+            await self._summarize_ranges()
 
     async def _prune_ledger(self) -> None:
         """Prunes the ledger for a second at most, so the flushes hardly wait: again in an
@@ -405,6 +411,18 @@ class Flusher:
         if pruned:
             log.info(
                 "pruned %d ledger rows older than %.0f days", pruned, self._ledger_seconds / 86400
+            )
+
+    async def _summarize_ranges(self) -> None:
+        """Summarizes the BRIN indexes' new page ranges: again in SUMMARIZING_INTERVAL."""
+        self._summarize_at = asyncio.get_running_loop().time() + SUMMARIZING_INTERVAL
+        try:
+            await storage.summarize_ranges(self._connections[0])
+        except _RETRYABLE as error:
+            log.warning(
+                "cannot summarize the BRIN indexes: %s; next try in %.0f s",
+                describe(error),
+                SUMMARIZING_INTERVAL,
             )
 
     async def _apply_each(self, connection: Any, arrivals: asyncio.Queue[Pending | None]) -> None:

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 # Serialises migrations between processes and instances sharing one database.
 _MIGRATION_LOCK = 0x70697865  # "pixe"
 _PRUNING_LOCK = 0x6C656467  # "ledg"
+SUMMARIZING_LOCK = 0x6272696E  # "brin"
 
 # Every statement ends within this, so a hung database never holds the flusher forever.
 COMMAND_TIMEOUT = 60.0
@@ -264,6 +265,39 @@ async def prune_ledger(
             return deleted, True
         if time.monotonic() >= deadline:
             return deleted, False
+
+
+# The BRIN indexes of pixel_counts that this role owns (migration 0002's on bucket, and any an
+# operator adds for the views, as the README shows), each range of new pages given its summary
+# (brin_summarize_new_values may only be called by an index's owner).
+_SUMMARIZE = """
+SELECT coalesce(sum(brin_summarize_new_values(i.indexrelid)), 0)::bigint
+FROM pg_index AS i
+JOIN pg_class AS c ON c.oid = i.indexrelid
+JOIN pg_am AS a ON a.oid = c.relam
+WHERE i.indrelid = 'pixel_counts'::regclass AND a.amname = 'brin'
+  AND pg_has_role(c.relowner, 'USAGE')
+"""
+# Summarizing takes a lock that a vacuum of the table holds while it runs: the ranges then wait
+# for the next try rather than the flusher for the vacuum.
+SUMMARIZING_LOCK_TIMEOUT_MS = 100
+
+
+async def summarize_ranges(connection: Any) -> int | None:
+    """Gives the page ranges of pixel_counts' BRIN indexes that have no summary yet one (the
+    indexes leave it to the flusher: migration 0006); returns how many, or None if another
+    server is at it or a vacuum holds the table."""
+    try:
+        async with connection.transaction():
+            if not await connection.fetchval(
+                "SELECT pg_try_advisory_xact_lock($1)", SUMMARIZING_LOCK
+            ):
+                return None
+            await connection.execute(f"SET LOCAL lock_timeout = {SUMMARIZING_LOCK_TIMEOUT_MS}")
+            summarized: int = await connection.fetchval(_SUMMARIZE)
+            return summarized
+    except asyncpg.LockNotAvailableError:
+        return None
 
 
 class PastLedgerHorizon(Exception):
