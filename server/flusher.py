@@ -101,6 +101,7 @@ class Flusher:
         self._ledger_seconds = ledger_seconds
         self._prune_at = 0.0  # loop time of the next pruning
         self._summarize_at = 0.0  # and of the next summarizing
+        self._warned_not_owned = False
         self._failures = 0
         self._retry_at = 0.0
         self._stopping = asyncio.Event()
@@ -207,7 +208,8 @@ class Flusher:
         self._end(arrivals)
         failures = self._failures
         applied = await self._within(
-            self._apply_pending(min(CONNECT_TIMEOUT, timeout / 4), arrivals), timeout / 2
+            self._apply_pending(min(CONNECT_TIMEOUT, timeout / 4), arrivals, maintaining=False),
+            timeout / 2,
         )
         if not applied:
             log.warning(
@@ -333,8 +335,13 @@ class Flusher:
                     self._unsealed.popleft()
 
     async def _apply_pending(
-        self, connect_timeout: float, arrivals: asyncio.Queue[Pending | None]
+        self,
+        connect_timeout: float,
+        arrivals: asyncio.Queue[Pending | None],
+        maintaining: bool = True,
     ) -> None:
+        """Applies the pending batches and those arriving; then, unless told not to (at
+        shutdown), prunes the ledger and summarizes the BRIN indexes, each when due."""
         try:
             if len(self._connections) < self._connection_count:
                 while len(self._connections) < self._connection_count:
@@ -379,13 +386,15 @@ class Flusher:
         self._failures = 0
         self._retry_at = 0.0
         self.problem = ""
-        now = asyncio.get_running_loop().time()
-        if now >= self._prune_at:
-            await self._prune_ledger()
-        if now >= self._summarize_at:
-            await self._summarize_ranges()
+        if maintaining:
+            # Taken once: a shutdown may drop the connections meanwhile.
+            connection = self._connections[0]
+            if asyncio.get_running_loop().time() >= self._prune_at:
+                await self._prune_ledger(connection)
+            if asyncio.get_running_loop().time() >= self._summarize_at:
+                await self._summarize_ranges(connection)
 
-    async def _prune_ledger(self) -> None:
+    async def _prune_ledger(self, connection: Any) -> None:
         """Prunes the ledger for a second at most, so the flushes hardly wait: again in an
         hour, or in a minute while old rows are left (a ledger never pruned before)."""
         loop = asyncio.get_running_loop()
@@ -398,7 +407,7 @@ class Flusher:
         oldest = min((_spooled_at(path) for path in paths), default=time.time())
         try:
             pruned, done = await storage.prune_ledger(
-                self._connections[0],
+                connection,
                 self._ledger_seconds,
                 PRUNING_BUDGET,
                 oldest - 2 * SPOOLING_MARGIN,
@@ -413,16 +422,38 @@ class Flusher:
                 "pruned %d ledger rows older than %.0f days", pruned, self._ledger_seconds / 86400
             )
 
-    async def _summarize_ranges(self) -> None:
-        """Summarizes the BRIN indexes' new page ranges: again in SUMMARIZING_INTERVAL."""
-        self._summarize_at = asyncio.get_running_loop().time() + SUMMARIZING_INTERVAL
+    async def _summarize_ranges(self, connection: Any) -> None:
+        """Summarizes the BRIN indexes' new page ranges: again in SUMMARIZING_INTERVAL. Says
+        once if some are another role's, which the flusher cannot summarize."""
+        loop = asyncio.get_running_loop()
+        self._summarize_at = loop.time() + SUMMARIZING_INTERVAL
+        started = loop.time()
         try:
-            await storage.summarize_ranges(self._connections[0])
+            summarized = await storage.summarize_ranges(connection)
         except _RETRYABLE as error:
             log.warning(
                 "cannot summarize the BRIN indexes: %s; next try in %.0f s",
                 describe(error),
                 SUMMARIZING_INTERVAL,
+            )
+            if not isinstance(error, asyncpg.PostgresError):
+                self._disconnect()  # the connection may be broken: the next flush opens anew
+            return
+        if summarized is None:
+            log.debug("BRIN summarizing skipped: another server is at it, or the table is locked")
+            return
+        log.debug(
+            "summarized %d BRIN page ranges in %.0f ms",
+            summarized.ranges,
+            (loop.time() - started) * 1000,
+        )
+        if summarized.not_owned and not self._warned_not_owned:
+            self._warned_not_owned = True
+            log.warning(
+                "%d BRIN indexes on pixel_counts belong to another role, which must summarize"
+                ' their new page ranges (or a vacuum will): README, "Summaries of new page'
+                ' ranges"',
+                summarized.not_owned,
             )
 
     async def _apply_each(self, connection: Any, arrivals: asyncio.Queue[Pending | None]) -> None:

@@ -7,7 +7,7 @@ import importlib.resources
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 # Serialises migrations between processes and instances sharing one database.
 _MIGRATION_LOCK = 0x70697865  # "pixe"
 _PRUNING_LOCK = 0x6C656467  # "ledg"
-SUMMARIZING_LOCK = 0x6272696E  # "brin"
+SUMMARIZING_LOCK = 0x6272696E  # "brin": one server summarizes at a time
 
 # Every statement ends within this, so a hung database never holds the flusher forever.
 COMMAND_TIMEOUT = 60.0
@@ -267,35 +267,49 @@ async def prune_ledger(
             return deleted, False
 
 
-# The BRIN indexes of pixel_counts that this role owns (migration 0002's on bucket, and any an
-# operator adds for the views, as the README shows), each range of new pages given its summary
-# (brin_summarize_new_values may only be called by an index's owner).
+# The valid BRIN indexes of pixel_counts (migration 0002's on bucket, and any an operator adds,
+# such as the README's for the views): the page ranges with no summary yet summarized in those
+# this role owns (brin_summarize_new_values() is for an index's owner, as is making one), the
+# others counted. Why the flusher summarizes: README, "Summaries of new page ranges".
 _SUMMARIZE = """
-SELECT coalesce(sum(brin_summarize_new_values(i.indexrelid)), 0)::bigint
-FROM pg_index AS i
-JOIN pg_class AS c ON c.oid = i.indexrelid
-JOIN pg_am AS a ON a.oid = c.relam
-WHERE i.indrelid = 'pixel_counts'::regclass AND a.amname = 'brin'
-  AND pg_has_role(c.relowner, 'USAGE')
+SELECT coalesce(sum(CASE WHEN owned THEN brin_summarize_new_values(indexrelid) END), 0)::bigint,
+       count(*) FILTER (WHERE NOT owned)
+FROM (
+    SELECT i.indexrelid, pg_has_role(c.relowner, 'USAGE') AS owned
+    FROM pg_index AS i
+    JOIN pg_class AS c ON c.oid = i.indexrelid
+    JOIN pg_am AS a ON a.oid = c.relam
+    WHERE i.indrelid = 'pixel_counts'::regclass AND a.amname = 'brin' AND i.indisvalid
+) AS brin
 """
-# Summarizing takes a lock that a vacuum of the table holds while it runs: the ranges then wait
-# for the next try rather than the flusher for the vacuum.
-SUMMARIZING_LOCK_TIMEOUT_MS = 100
+# Summarizing takes a lock (SHARE UPDATE EXCLUSIVE) that a vacuum, an ANALYZE or a CREATE INDEX
+# CONCURRENTLY holds while it runs: the ranges then wait for the next try, rather than the
+# flusher for it. Below deadlock_timeout (1 s by default), past which a wait cancels an
+# autovacuum of the table.
+_SUMMARIZING_LOCK_TIMEOUT_MS = 100
 
 
-async def summarize_ranges(connection: Any) -> int | None:
-    """Gives the page ranges of pixel_counts' BRIN indexes that have no summary yet one (the
-    indexes leave it to the flusher: migration 0006); returns how many, or None if another
-    server is at it or a vacuum holds the table."""
+class Summarized(NamedTuple):
+    """What :func:`summarize_ranges` did: the page ranges it summarized, and the BRIN indexes it
+    left alone, another role's."""
+
+    ranges: int
+    not_owned: int
+
+
+async def summarize_ranges(connection: Any) -> Summarized | None:
+    """Summarizes the page ranges of pixel_counts' BRIN indexes that have no summary yet (the
+    indexes leave that to the flusher: migration 0006), in those this role owns; None if
+    another server is at it or the table's lock is held."""
     try:
         async with connection.transaction():
             if not await connection.fetchval(
                 "SELECT pg_try_advisory_xact_lock($1)", SUMMARIZING_LOCK
             ):
                 return None
-            await connection.execute(f"SET LOCAL lock_timeout = {SUMMARIZING_LOCK_TIMEOUT_MS}")
-            summarized: int = await connection.fetchval(_SUMMARIZE)
-            return summarized
+            await connection.execute(f"SET LOCAL lock_timeout = {_SUMMARIZING_LOCK_TIMEOUT_MS}")
+            ranges, not_owned = await connection.fetchrow(_SUMMARIZE)
+            return Summarized(ranges, not_owned)
     except asyncpg.LockNotAvailableError:
         return None
 
