@@ -391,7 +391,7 @@ class Flusher:
             connection = self._connections[0]
             if asyncio.get_running_loop().time() >= self._prune_at:
                 await self._prune_ledger(connection)
-            if asyncio.get_running_loop().time() >= self._summarize_at:
+            if self._connections and asyncio.get_running_loop().time() >= self._summarize_at:
                 await self._summarize_ranges(connection)
 
     async def _prune_ledger(self, connection: Any) -> None:
@@ -413,7 +413,7 @@ class Flusher:
                 oldest - 2 * SPOOLING_MARGIN,
             )
         except _RETRYABLE as error:
-            log.warning("cannot prune the ledger: %s; next try in an hour", describe(error))
+            self._maintenance_failed("prune the ledger", error, "an hour")
             return
         if not done:
             self._prune_at = loop.time() + PRUNING_INTERVAL / 60
@@ -431,13 +431,9 @@ class Flusher:
         try:
             summarized = await storage.summarize_ranges(connection)
         except _RETRYABLE as error:
-            log.warning(
-                "cannot summarize the BRIN indexes: %s; next try in %.0f s",
-                describe(error),
-                SUMMARIZING_INTERVAL,
+            self._maintenance_failed(
+                "summarize the BRIN indexes", error, f"{SUMMARIZING_INTERVAL:.0f} s"
             )
-            if not isinstance(error, asyncpg.PostgresError):
-                self._disconnect()  # the connection may be broken: the next flush opens anew
             return
         if summarized is None:
             log.debug("BRIN summarizing skipped: another server is at it, or the table is locked")
@@ -455,6 +451,14 @@ class Flusher:
                 ' ranges"',
                 summarized.not_owned,
             )
+
+    def _maintenance_failed(self, task: str, error: BaseException, retry: str) -> None:
+        """Says that pruning or summarizing failed; after an error of the connection rather
+        than of the database, drops the connections, which the next flush opens anew (its
+        batches all applied, it counts no failure)."""
+        log.warning("cannot %s: %s; next try in %s", task, describe(error), retry)
+        if not isinstance(error, asyncpg.PostgresError):
+            self._disconnect()
 
     async def _apply_each(self, connection: Any, arrivals: asyncio.Queue[Pending | None]) -> None:
         while (item := await arrivals.get()) is not None:

@@ -1,5 +1,6 @@
 """The BRIN indexes' page ranges, summarized by the flusher (migration 0006), which gives way to
-a vacuum, to another server summarizing, and to indexes its role does not own."""
+a vacuum, to another server summarizing, and to indexes its role does not own; and the
+flusher's upkeep (summarizing, pruning the ledger) failing, which the flushes shrug off."""
 
 from __future__ import annotations
 
@@ -146,23 +147,32 @@ async def test_a_role_that_does_not_own_the_table_leaves_its_ranges_be(database:
         await connection.close()
 
 
-async def test_a_failed_summarizing_leaves_the_flushes_be(
-    database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("step", "task"),
+    [("summarize_ranges", "summarize the BRIN indexes"), ("prune_ledger", "prune the ledger")],
+)
+async def test_a_failed_summarizing_or_pruning_leaves_the_flushes_be(
+    step: str,
+    task: str,
+    database: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The counts are applied before; a connection it leaves in doubt is opened anew at the
-    next flush, which no failure holds back."""
+    """The counts are applied before either; a connection it leaves in doubt is opened anew at
+    the next flush, which no failure holds back."""
 
-    async def broken(connection: asyncpg.Connection) -> None:
+    async def broken(connection: asyncpg.Connection, *args: object) -> None:
         connection.terminate()  # as a connection lost mid-statement
         raise asyncpg.InterfaceError("connection is closed")
 
     await migrated(database)
     counters, metrics = Counters(), Metrics()
     flusher = Flusher(counters, database, metrics, 1.0, Spool(tmp_path, 1 << 30), 10, 2)
-    monkeypatch.setattr(storage, "summarize_ranges", broken)
+    monkeypatch.setattr(storage, step, broken)
     counters.add(int(BUCKET.timestamp()), "c", "cr", "a", "", IMPRESSIONS, 2)
     await flusher.flush()
-    assert "cannot summarize the BRIN indexes: InterfaceError" in caplog.text
+    assert f"cannot {task}: InterfaceError" in caplog.text
     assert await fetch(database, "SELECT impressions FROM pixel_counts") == [(2,)]
     monkeypatch.undo()
     counters.add(int(BUCKET.timestamp()), "c", "cr", "a", "", IMPRESSIONS, 3)
