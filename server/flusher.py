@@ -386,13 +386,21 @@ class Flusher:
         self._failures = 0
         self._retry_at = 0.0
         self.problem = ""
-        if maintaining:
-            # Taken once: a shutdown may drop the connections meanwhile.
-            connection = self._connections[0]
-            if asyncio.get_running_loop().time() >= self._prune_at:
-                await self._prune_ledger(connection)
-            if self._connections and asyncio.get_running_loop().time() >= self._summarize_at:
-                await self._summarize_ranges(connection)
+        # Not once shutting down: the final flush's time is the batches'. (A shutdown's timeout
+        # may have dropped the connections already.)
+        if maintaining and self._connections and not self._stopping.is_set():
+            try:
+                await self._maintain(self._connections[0])
+            except asyncio.CancelledError:
+                self._disconnect()  # a statement cut short: as in the apply, above
+                raise
+
+    async def _maintain(self, connection: Any) -> None:
+        """Prunes the ledger and summarizes the BRIN indexes on ``connection``, each when due."""
+        if asyncio.get_running_loop().time() >= self._prune_at:
+            await self._prune_ledger(connection)
+        if self._connections and asyncio.get_running_loop().time() >= self._summarize_at:
+            await self._summarize_ranges(connection)
 
     async def _prune_ledger(self, connection: Any) -> None:
         """Prunes the ledger for a second at most, so the flushes hardly wait: again in an
@@ -412,8 +420,8 @@ class Flusher:
                 PRUNING_BUDGET,
                 oldest - 2 * SPOOLING_MARGIN,
             )
-        except _RETRYABLE as error:
-            self._maintenance_failed("prune the ledger", error, "an hour")
+        except Exception as error:
+            self._maintenance_failed("prune the ledger", error, "an hour", connection)
             return
         if not done:
             self._prune_at = loop.time() + PRUNING_INTERVAL / 60
@@ -430,9 +438,9 @@ class Flusher:
         started = loop.time()
         try:
             summarized = await storage.summarize_ranges(connection)
-        except _RETRYABLE as error:
+        except Exception as error:
             self._maintenance_failed(
-                "summarize the BRIN indexes", error, f"{SUMMARIZING_INTERVAL:.0f} s"
+                "summarize the BRIN indexes", error, f"{SUMMARIZING_INTERVAL:.0f} s", connection
             )
             return
         if summarized is None:
@@ -452,13 +460,19 @@ class Flusher:
                 summarized.not_owned,
             )
 
-    def _maintenance_failed(self, task: str, error: BaseException, retry: str) -> None:
-        """Says that pruning or summarizing failed; after an error of the connection rather
-        than of the database, drops the connections, which the next flush opens anew (its
-        batches all applied, it counts no failure)."""
-        log.warning("cannot %s: %s; next try in %s", task, describe(error), retry)
-        if not isinstance(error, asyncpg.PostgresError):
+    def _maintenance_failed(self, task: str, error: Exception, retry: str, connection: Any) -> None:
+        """Says that pruning or summarizing failed (with its traceback, if not the database's
+        or the connection's error: a bug). Unless the database answered and the connection
+        is still open, drops the connections, which the next flush opens anew (its batches
+        all applied, it counts no failure); until then the flusher is not ready, and says
+        why."""
+        if isinstance(error, _RETRYABLE):
+            log.warning("cannot %s: %s; next try in %s", task, describe(error), retry)
+        else:
+            log.exception("cannot %s; next try in %s", task, retry)
+        if not isinstance(error, asyncpg.PostgresError) or connection.is_closed():
             self._disconnect()
+            self.problem = f"reconnecting: could not {task}: {describe(error)}"
 
     async def _apply_each(self, connection: Any, arrivals: asyncio.Queue[Pending | None]) -> None:
         while (item := await arrivals.get()) is not None:

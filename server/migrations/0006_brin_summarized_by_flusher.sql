@@ -4,6 +4,6 @@
 -- The change takes the index's strongest lock, which waits for any open transaction that has
 -- used the table: a lock timeout lets the server try again later rather than hold up every
 -- flush and report queued behind it.
-SET LOCAL lock_timeout = '5s';
+SET LOCAL lock_timeout = '1s';
 ALTER INDEX IF EXISTS pixel_counts_bucket_brin SET (autosummarize = off);
 SET LOCAL lock_timeout = DEFAULT;
