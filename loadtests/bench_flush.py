@@ -189,6 +189,7 @@ async def stall_while_flushing(
         counters, postgres.dsn, Metrics(), 1.0, Spool(spool, 1 << 30), 10, CONNECTIONS
     )
     await flusher.flush()  # connect and migrate first
+    wal_reader = await asyncpg.connect(postgres.dsn)  # one connection for every WAL reading
     worst = 0.0  # of the flush in progress
     running = True
     # A tick across what precedes each flush (filling the counters, warm_memory(), reading
@@ -210,7 +211,7 @@ async def stall_while_flushing(
         fill(counters, keys, bucket)
         if warm_bytes:
             warm_memory(warm_bytes)
-        wal = await wal_position(postgres.dsn)
+        wal = await wal_position(wal_reader)
         cache, cpu = page_cache_bytes(), database_cpu_time(postgres)
         fills += 1
         worst = 0.0
@@ -219,7 +220,7 @@ async def stall_while_flushing(
         seconds = time.perf_counter() - started
         stalls.append(round(worst * 1000, 1))
         cache, cpu = page_cache_bytes() - cache, database_cpu_time(postgres) - cpu
-        return Flush(seconds, await wal_position(postgres.dsn) - wal, cache, cpu)
+        return Flush(seconds, await wal_position(wal_reader) - wal, cache, cpu)
 
     probe = asyncio.create_task(ticker())
     await asyncio.sleep(0.05)
@@ -236,21 +237,18 @@ async def stall_while_flushing(
         control_ms = round(worst * 1000, 1)
     running = False
     await probe
+    await wal_reader.close()
     await flusher.close(5.0)
     return Flushes(stalls, control_ms, new, again)
 
 
-async def wal_position(dsn: str) -> int:
+async def wal_position(connection: asyncpg.Connection) -> int:
     """How many bytes of WAL the cluster has written in all."""
-    connection = await asyncpg.connect(dsn)
-    try:
-        return int(
-            await connection.fetchval(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
-            )
+    return int(
+        await connection.fetchval(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
         )
-    finally:
-        await connection.close()
+    )
 
 
 async def busy_database(dsn: str, seconds: float) -> None:
